@@ -1,0 +1,5 @@
+"""Block-sparse Pallas kernels (matmul and attention) for GPU, TPU and CPU, with autodiff."""
+
+from pallas_kernels._platform import BACKENDS, default_backend, resolve_backend
+
+__all__ = ["BACKENDS", "default_backend", "resolve_backend"]
