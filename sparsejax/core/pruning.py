@@ -1,0 +1,422 @@
+"""Prune, regrow and drop-and-grow: pure functions from (params, scores) to (params, masks).
+
+All functions
+
+- take any pytree of params (Linen dicts, NNX states, nested tuples) whose prunable leaves are
+  given by a mask tree (``masks``), a per-leaf sparsity tree, or the default selection
+  (``ndim >= 2``); dense leaves (biases, norms) pass through unchanged;
+- keep exact counts (``clip(round(size * density), 1, size)`` per leaf, ties broken by the
+  lower flat index), set removed weights to exactly zero and grown weights to exactly zero;
+- are jit-able with traced sparsities / fractions and trace once per shape.
+
+Scores follow the keep-largest convention of :mod:`sparsejax.core.scores`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sparsejax.core import selection as _sel
+from sparsejax.core.paths import path_str, select
+from sparsejax.core.patterns import Block, Channel, Unstructured
+
+PyTree = Any
+
+__all__ = ["prune", "prune_global", "drop_and_grow", "regrow"]
+
+
+def _is_none(x) -> bool:
+  return x is None
+
+
+def _flat(params: PyTree):
+  kl, treedef = jax.tree_util.tree_flatten_with_path(params)
+  return [path_str(kp) for kp, _ in kl], [x for _, x in kl], treedef
+
+
+def _leaves_like(paths: list[str], tree: PyTree, name: str, fn: str) -> list:
+  """Leaves of ``tree`` (None kept) aligned with ``paths``; errors name the first bad path."""
+  kl = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_none)[0]
+  tp = [path_str(kp) for kp, _ in kl]
+  if tp != paths:
+    tset, pset = set(tp), set(paths)
+    for p in paths:
+      if p not in tset:
+        raise ValueError(f"{fn}: {name} has no leaf {p!r} (params have it); pass a tree with the "
+                         "structure of params (None on dense leaves).")
+    for p in tp:
+      if p not in pset:
+        raise ValueError(f"{fn}: {name} has a leaf {p!r} that params do not have; pass a tree with "
+                         "the structure of params.")
+    raise ValueError(f"{fn}: {name} has the leaves of params in a different order ({tp} vs "
+                     f"{paths}); pass a tree with the structure of params.")
+  return [x for _, x in kl]
+
+
+def _is_scalar(x) -> bool:
+  if isinstance(x, (bool, int, float, np.number)):
+    return True
+  return isinstance(x, (jax.Array, np.ndarray)) and np.ndim(x) == 0
+
+
+def _concrete(x) -> float | None:
+  if isinstance(x, jax.core.Tracer):
+    return None
+  return float(np.asarray(x))
+
+
+def _check_unit(value, what: str, fn: str, path: str | None, *, hi_open: bool = True) -> None:
+  """Checks a concrete scalar is in [0, 1) (or [0, 1]); names the leaf path."""
+  if value is None:
+    return
+  if not _is_scalar(value):
+    raise ValueError(f"{fn}: {what}{_at(path)} must be a scalar, got shape {np.shape(value)}.")
+  v = _concrete(value)
+  if v is None:
+    return
+  ok = 0.0 <= v < 1.0 if hi_open else 0.0 <= v <= 1.0
+  if not ok:
+    rng = "[0, 1)" if hi_open else "[0, 1]"
+    raise ValueError(f"{fn}: {what}{_at(path)} must be in {rng}, got {v}.")
+
+
+def _at(path: str | None) -> str:
+  return f" at {path!r}" if path else ""
+
+
+def _per_leaf(value, paths: list[str], active: list[bool], name: str, fn: str) -> list:
+  """Broadcasts a scalar or aligns a per-leaf tree; None where a leaf is not active."""
+  if value is None or _is_scalar(value):
+    return [value if a else None for a in active]
+  vals = _leaves_like(paths, value, name, fn)
+  for p, v, a in zip(paths, vals, active):
+    if a and v is None:
+      raise ValueError(f"{fn}: {name} is None at {p!r}, which is masked; give it a value (or make "
+                       "the leaf dense).")
+  return [v if a else None for v, a in zip(vals, active)]
+
+
+def _check_float(fn: str, path: str, leaf) -> None:
+  dt = jnp.result_type(leaf)
+  if not jnp.issubdtype(dt, jnp.floating):
+    raise TypeError(f"{fn}: leaf {path!r} has dtype {dt}; only real floating-point leaves can be "
+                    "pruned. Make it dense (None in the mask tree / exclude it from the selection).")
+
+
+def _masks_list(fn: str, paths, leaves, masks) -> list:
+  ms = _leaves_like(paths, masks, "masks", fn)
+  for p, leaf, m in zip(paths, leaves, ms):
+    if m is None:
+      continue
+    if not hasattr(m, "shape") or not hasattr(m, "dtype"):
+      raise TypeError(f"{fn}: mask at {p!r} is a {type(m).__name__}; expected a bool array or None.")
+    if tuple(m.shape) != tuple(np.shape(leaf)):
+      raise ValueError(f"{fn}: mask at {p!r} has shape {tuple(m.shape)} but the param has shape "
+                       f"{tuple(np.shape(leaf))}; build masks with init_masks(params).")
+    if m.dtype != jnp.bool_:
+      raise TypeError(f"{fn}: mask at {p!r} has dtype {m.dtype}; expected bool (use m.astype(bool)).")
+    _check_float(fn, p, leaf)
+  return ms
+
+
+def _scores_list(fn: str, paths, leaves, scores, active, name="scores") -> list:
+  if scores is None:
+    return [jnp.abs(x) if a else None for x, a in zip(leaves, active)]
+  ss = _leaves_like(paths, scores, name, fn)
+  for p, leaf, s, a in zip(paths, leaves, ss, active):
+    if not a:
+      continue
+    if s is None:
+      raise ValueError(f"{fn}: {name} is None at {p!r}, which is pruned; give scores for every "
+                       "masked leaf.")
+    if tuple(np.shape(s)) != tuple(np.shape(leaf)):
+      raise ValueError(f"{fn}: {name} at {p!r} have shape {tuple(np.shape(s))} but the param has "
+                       f"shape {tuple(np.shape(leaf))}.")
+    if jnp.issubdtype(jnp.result_type(s), jnp.complexfloating):
+      raise TypeError(f"{fn}: {name} at {p!r} are complex; pass real scores such as jnp.abs(x).")
+  return ss
+
+
+def _zero_out(p, m):
+  return jnp.where(m, p, jnp.zeros((), jnp.result_type(p)))
+
+
+def _topk_among(scores, k, eligible):
+  """Exactly ``min(k, sum(eligible))`` of the eligible positions with the largest scores."""
+  return _sel.global_topk_masks([scores], k=k, masks=[eligible])[0]
+
+
+def _prunable(fn, params, masks, sparsity, selection):
+  """paths, leaves, treedef, old mask list, active flags."""
+  paths, leaves, treedef = _flat(params)
+  if masks is not None:
+    old = _masks_list(fn, paths, leaves, masks)
+    active = [m is not None for m in old]
+  elif sparsity is not None and not _is_scalar(sparsity):
+    sp = _leaves_like(paths, sparsity, "sparsity", fn)
+    active = [s is not None for s in sp]
+    old = [None] * len(leaves)
+  else:
+    if selection is None:
+      selection = select(params)
+    flags = _leaves_like(paths, selection, "selection", fn)
+    active = [f is not None and f is not False for f in flags]
+    old = [None] * len(leaves)
+  for p, leaf, a in zip(paths, leaves, active):
+    if a:
+      _check_float(fn, p, leaf)
+  return paths, leaves, treedef, old, active
+
+
+def prune(params: PyTree, scores: PyTree | None, sparsity, *, pattern=Unstructured(),
+          masks: PyTree | None = None, selection: PyTree | None = None):
+  """Per-leaf pruning: keeps the top ``1 - sparsity`` scores of each prunable leaf.
+
+  Which leaves are pruned: the masked leaves of ``masks`` if given, else the non-None leaves of a
+  per-leaf ``sparsity`` tree, else ``selection`` (default
+  :func:`sparsejax.core.paths.select`: leaves with ``ndim >= 2``).
+
+  Args:
+    params: parameter pytree.
+    scores: score tree like ``params`` (None on dense leaves is fine), or None for ``|params|``.
+    sparsity: scalar in [0, 1) (may be traced), or a per-leaf tree such as the output of
+      :func:`sparsejax.core.distributions.erdos_renyi`; None for patterns with a fixed density
+      (``NM``).
+    pattern: ``Unstructured()``, ``NM(n, m)``, ``Block(r, c)`` or ``Channel(axis)``.
+    masks: current mask tree; if given only currently kept weights compete and masks shrink
+      monotonically (fewer kept weights than requested: the mask is kept as is). The scores of
+      removed positions are replaced by ``-inf`` (``0`` for block/channel sums, which assume
+      non-negative scores).
+    selection: tree of static bools (used when neither ``masks`` nor a sparsity tree is given).
+
+  Returns:
+    ``(params, masks)``: pruned params (removed weights exactly 0) and the new mask tree.
+
+  Raises:
+    ValueError / TypeError: structure or shape mismatches, sparsity outside [0, 1), non-float
+      prunable leaves, or pattern violations; the message names the leaf path.
+
+  >>> import jax.numpy as jnp
+  >>> p = {"w": jnp.array([[1.0, -4.0], [3.0, 2.0]]), "b": jnp.ones(2)}
+  >>> new_p, m = prune(p, None, 0.5)
+  >>> new_p["w"], m["b"]
+  (Array([[ 0., -4.],
+         [ 3.,  0.]], dtype=float32), None)
+  """
+  fn = "prune"
+  paths, leaves, treedef, old, active = _prunable(fn, params, masks, sparsity, selection)
+  sp = _per_leaf(sparsity, paths, active, "sparsity", fn)
+  ss = _scores_list(fn, paths, leaves, scores, active)
+  fixed = getattr(pattern, "fixed_density", None)
+  new_p, new_m = [], []
+  for p, leaf, s, sc, m, a in zip(paths, leaves, sp, ss, old, active):
+    if not a:
+      new_p.append(leaf)
+      new_m.append(None)
+      continue
+    if s is None and fixed is None:
+      raise ValueError(f"{fn}: sparsity is None at {p!r} but pattern {pattern!r} has no fixed "
+                       "density; pass a sparsity.")
+    _check_unit(s, "sparsity", fn, p)
+    pattern.check(p, tuple(np.shape(leaf)), s)
+    density = None if s is None else 1.0 - jnp.asarray(s, jnp.float32)
+    sc = jnp.asarray(sc)
+    if isinstance(pattern, Unstructured):
+      if m is None:
+        mask = pattern(sc, density, path=p)
+      else:
+        k = _sel.num_to_keep(int(np.prod(np.shape(leaf))), density)
+        mask = _topk_among(sc, k, m)
+    else:
+      if m is not None:
+        fill = 0 if isinstance(pattern, (Block, Channel)) else -jnp.inf
+        sc = jnp.where(m, sc, jnp.asarray(fill, jnp.result_type(sc)))
+      mask = pattern(sc, density if fixed is None else None, path=p)
+      if m is not None:
+        mask = mask & m
+    new_m.append(mask)
+    new_p.append(_zero_out(leaf, mask))
+  return jax.tree.unflatten(treedef, new_p), jax.tree.unflatten(treedef, new_m)
+
+
+def prune_global(params: PyTree, scores: PyTree | None, sparsity, *, normalize: bool = False,
+                 masks: PyTree | None = None, selection: PyTree | None = None):
+  """Global pruning: one exact top-k over all prunable leaves together.
+
+  ``normalize=False`` is *raw* global pruning (e.g. global magnitude, SNIP, open_lth IMP);
+  ``normalize=True`` divides each leaf's scores by their L2 norm first (over the eligible
+  entries), jaxpruner's default "global magnitude" (``use_normalization=True``). The selection
+  never concatenates leaves (:func:`sparsejax.core.selection.global_topk_masks`), so it is
+  sharding-safe; ties go to the earlier leaf, then the lower flat index.
+
+  Args:
+    params: parameter pytree.
+    scores: score tree like ``params``, or None for ``|params|``.
+    sparsity: global sparsity over the prunable leaves, in [0, 1) (may be traced); exactly
+      ``clip(round(n * (1 - sparsity)), 1, n)`` weights are kept.
+    normalize: per-leaf L2 normalisation of the scores.
+    masks: current mask tree (only kept weights compete; masks shrink monotonically).
+    selection: tree of static bools (default ``select(params)``), used when ``masks`` is None.
+
+  Returns:
+    ``(params, masks)``.
+
+  >>> import jax.numpy as jnp
+  >>> p = {"a": jnp.array([[1.0, 2.0]]), "b": jnp.array([[30.0, 40.0]])}
+  >>> prune_global(p, None, 0.5)[1]["a"].tolist(), prune_global(p, None, 0.5, normalize=True)[1]["a"].tolist()
+  ([[False, False]], [[False, True]])
+  """
+  fn = "prune_global"
+  if not _is_scalar(sparsity):
+    raise ValueError(f"{fn}: sparsity must be a scalar (a global target), got {type(sparsity)}; "
+                     "use prune(...) for per-leaf sparsities.")
+  _check_unit(sparsity, "sparsity", fn, None)
+  paths, leaves, treedef, old, active = _prunable(fn, params, masks, None, selection)
+  ss = _scores_list(fn, paths, leaves, scores, active)
+  idx = [i for i, a in enumerate(active) if a]
+  if not idx:
+    raise ValueError(f"{fn}: no prunable leaf; leaf paths are {paths}.")
+  sel_scores, sel_masks = [], []
+  for i in idx:
+    s = jnp.asarray(ss[i])
+    if normalize:
+      s32 = s.astype(jnp.promote_types(s.dtype, jnp.float32))
+      e = s32 if old[i] is None else jnp.where(old[i], s32, 0)
+      norm = jnp.sqrt(jnp.sum(e * e))
+      s = s32 / jnp.where(norm > 0, norm, 1)
+    sel_scores.append(s)
+    sel_masks.append(old[i])
+  total = sum(int(np.prod(np.shape(leaves[i]))) for i in idx)
+  k = _sel.num_to_keep(total, 1.0 - jnp.asarray(sparsity, jnp.float32))
+  got = _sel.global_topk_masks(sel_scores, k=k, masks=sel_masks)
+  new_m = [None] * len(leaves)
+  new_p = list(leaves)
+  for j, i in enumerate(idx):
+    new_m[i] = got[j]
+    new_p[i] = _zero_out(leaves[i], got[j])
+  return jax.tree.unflatten(treedef, new_p), jax.tree.unflatten(treedef, new_m)
+
+
+def _count_of(fraction, n_active):
+  """floor(n_active * fraction) as int32, in the float precision of the run."""
+  dt = jnp.float64 if jax.config.jax_enable_x64 else jnp.float32
+  return jnp.floor(n_active.astype(dt) * jnp.asarray(fraction, dt)).astype(jnp.int32)
+
+
+def drop_and_grow(params: PyTree, masks: PyTree, drop_scores: PyTree | None,
+                  grow_scores: PyTree, drop_fraction):
+  """One SET / RigL connectivity update per masked leaf; the active count is unchanged.
+
+  For each masked leaf: ``n_drop = floor(n_active * drop_fraction)``; the ``n_drop`` active
+  positions with the smallest ``drop_scores`` are dropped, then the ``n_drop`` positions with
+  the largest ``grow_scores`` among those not kept after the drop are grown (just-dropped
+  positions are eligible, ALGORITHMS.md §5). Grown weights are set to 0 (also a just-dropped
+  one that is grown back); kept weights are unchanged; dropped weights become 0.
+
+  SET: ``drop_scores=magnitude(params)`` (or None), ``grow_scores=random_scores(params, key)``.
+  RigL: ``grow_scores=gradient_magnitude(dense_grads)`` (gradients w.r.t. the masked weights,
+  not masked themselves).
+
+  Args:
+    params: parameter pytree.
+    masks: mask tree (bool on prunable leaves, None on dense leaves).
+    drop_scores: score tree (None for ``|params|``).
+    grow_scores: score tree.
+    drop_fraction: scalar in [0, 1] (may be traced), or a per-leaf tree.
+
+  Returns:
+    ``(params, masks, grown)``; ``grown`` is a mask tree of the grown positions.
+
+  >>> import jax.numpy as jnp
+  >>> p = {"w": jnp.array([4.0, 0.0, 1.0, 3.0])}
+  >>> m = {"w": jnp.array([True, False, True, True])}
+  >>> new_p, new_m, grown = drop_and_grow(p, m, None, {"w": jnp.array([0.0, 9.0, 0.0, 0.0])}, 0.34)
+  >>> new_p["w"].tolist(), new_m["w"].tolist(), grown["w"].tolist()
+  ([4.0, 0.0, 0.0, 3.0], [True, True, False, True], [False, True, False, False])
+  """
+  fn = "drop_and_grow"
+  paths, leaves, treedef = _flat(params)
+  old = _masks_list(fn, paths, leaves, masks)
+  active = [m is not None for m in old]
+  fr = _per_leaf(drop_fraction, paths, active, "drop_fraction", fn)
+  ds = _scores_list(fn, paths, leaves, drop_scores, active, "drop_scores")
+  gs = _scores_list(fn, paths, leaves, grow_scores, active, "grow_scores")
+  new_p, new_m, grown = [], [], []
+  for p, leaf, m, f, d, g in zip(paths, leaves, old, fr, ds, gs):
+    if m is None:
+      new_p.append(leaf)
+      new_m.append(None)
+      grown.append(None)
+      continue
+    _check_unit(f, "drop_fraction", fn, p, hi_open=False)
+    n_active = jnp.sum(m, dtype=jnp.int32)
+    n_drop = _count_of(f, n_active)
+    kept = _topk_among(jnp.asarray(d), n_active - n_drop, m)
+    grow = _topk_among(jnp.asarray(g), n_drop, ~kept)
+    new_m.append(kept | grow)
+    grown.append(grow)
+    new_p.append(_zero_out(leaf, kept))
+  return (jax.tree.unflatten(treedef, new_p), jax.tree.unflatten(treedef, new_m),
+          jax.tree.unflatten(treedef, grown))
+
+
+def regrow(params: PyTree, masks: PyTree, scores: PyTree, n_or_fraction):
+  """Grows inactive positions with the largest ``scores`` in every masked leaf.
+
+  The number grown per leaf is ``min(n, n_inactive)`` for an integer ``n`` (Python int or an
+  integer array) or ``floor(n_active * fraction)`` (clipped the same way) for a float fraction;
+  a per-leaf tree of either works too. Grown weights are set to 0.
+
+  Args:
+    params: parameter pytree.
+    masks: mask tree.
+    scores: score tree (e.g. ``gradient_magnitude(grads)``).
+    n_or_fraction: count or fraction (may be traced), or a per-leaf tree.
+
+  Returns:
+    ``(params, masks, grown)``.
+
+  >>> import jax.numpy as jnp
+  >>> p, m = {"w": jnp.array([1.0, 0.0, 0.0])}, {"w": jnp.array([True, False, False])}
+  >>> _, new_m, grown = regrow(p, m, {"w": jnp.array([0.0, 1.0, 2.0])}, 1)
+  >>> new_m["w"].tolist(), grown["w"].tolist()
+  ([True, False, True], [False, False, True])
+  """
+  fn = "regrow"
+  paths, leaves, treedef = _flat(params)
+  old = _masks_list(fn, paths, leaves, masks)
+  active = [m is not None for m in old]
+  ns = _per_leaf(n_or_fraction, paths, active, "n_or_fraction", fn)
+  ss = _scores_list(fn, paths, leaves, scores, active)
+  new_p, new_m, grown = [], [], []
+  for p, leaf, m, n, s in zip(paths, leaves, old, ns, ss):
+    if m is None:
+      new_p.append(leaf)
+      new_m.append(None)
+      grown.append(None)
+      continue
+    if not _is_scalar(n):
+      raise ValueError(f"{fn}: n_or_fraction at {p!r} must be a scalar, got shape {np.shape(n)}.")
+    dt = jnp.result_type(n)
+    if jnp.issubdtype(dt, jnp.bool_):
+      raise TypeError(f"{fn}: n_or_fraction at {p!r} is a bool; pass an int count or a float fraction.")
+    n_active = jnp.sum(m, dtype=jnp.int32)
+    if jnp.issubdtype(dt, jnp.integer) or isinstance(n, int):
+      nc = _concrete(n)
+      if nc is not None and nc < 0:
+        raise ValueError(f"{fn}: count at {p!r} must be >= 0, got {int(nc)}.")
+      k = jnp.asarray(n, jnp.int32)
+    else:
+      _check_unit(n, "fraction", fn, p, hi_open=False)
+      k = _count_of(n, n_active)
+    k = jnp.clip(k, 0, int(np.prod(np.shape(leaf))) - n_active)
+    grow = _topk_among(jnp.asarray(s), k, ~m)
+    new_m.append(m | grow)
+    grown.append(grow)
+    new_p.append(_zero_out(leaf, m))
+  return (jax.tree.unflatten(treedef, new_p), jax.tree.unflatten(treedef, new_m),
+          jax.tree.unflatten(treedef, grown))
