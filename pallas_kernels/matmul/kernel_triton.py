@@ -1,0 +1,150 @@
+"""Block-sparse matmul kernels for the Pallas Triton lowering (NVIDIA GPUs); also the interpret path.
+
+GPU lowerings have no scalar prefetch: the index arrays are ordinary inputs in global memory,
+read inside the kernel. ``spmm`` runs one program per ``(row tile, output block)`` and loops
+(``fori_loop`` with dynamic bounds) over that output block's stored blocks; ``sddmm`` runs one
+program per slot and loops over the row tiles. Triton needs power-of-two tiles of at least 16:
+blocks must be powers of two in [16, 256].
+
+With ``interpret=True`` the same ``pallas_call`` runs on any platform (the ``"interpret"`` backend).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from pallas_kernels.matmul import _common
+from pallas_kernels.matmul.format import BlockSparseMatrix
+
+_ANY = pl.BlockSpec(memory_space=pl.ANY)
+_NT = (((1,), (1,)), ((), ()))  # a @ b^T
+_TN = (((0,), (0,)), ((), ()))  # a^T @ b
+
+
+def check(w: BlockSparseMatrix, dtype, path: str | None = None) -> None:
+  """Raises ``ValueError`` if the Triton kernels cannot run ``w`` (block sizes)."""
+  del dtype
+  for b in w.block_shape:
+    if b < 16 or b > 256 or b & (b - 1):
+      raise ValueError(
+          f"{path or 'the weight'}: the Triton kernels need block sizes that are powers of two in "
+          f"[16, 256], got {w.block_shape}; rebuild with such blocks or use backend='reference'"
+      )
+
+
+def _compiler_params(num_warps: int, num_stages: int):
+  from jax.experimental.pallas import triton as plt  # noqa: PLC0415 (GPU-only module)
+
+  return plt.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+
+
+def _block_m(m: int) -> int:
+  return min(128, max(16, _common.next_pow2(m)))
+
+
+def _spmm_kernel(ptr_ref, inner_ref, slot_ref, a_ref, w_ref, o_ref, *, bm, bk, transpose):
+  row = pl.program_id(0)
+  group = pl.program_id(1)
+  rows = pl.ds(pl.multiple_of(row * bm, bm), bm)
+
+  def step(t, acc):
+    cols = pl.ds(pl.multiple_of(inner_ref[t] * bk, bk), bk)
+    a = a_ref[rows, cols]
+    blk = w_ref[slot_ref[t]]
+    if transpose:
+      return acc + lax.dot_general(a, blk, _NT, preferred_element_type=jnp.float32)
+    return acc + jnp.dot(a, blk, preferred_element_type=jnp.float32)
+
+  acc = lax.fori_loop(ptr_ref[group], ptr_ref[group + 1], step, jnp.zeros(o_ref.shape, jnp.float32))
+  o_ref[...] = acc.astype(o_ref.dtype)
+
+
+def spmm(
+    a: jax.Array,
+    w: BlockSparseMatrix,
+    *,
+    transpose: bool = False,
+    interpret: bool = False,
+    block_m: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int = 3,
+) -> jax.Array:
+  """``a @ W`` (``a @ W^T`` with ``transpose``) in ``a``'s dtype, float32 accumulation.
+
+  >>> import jax.numpy as jnp
+  >>> from pallas_kernels.matmul.format import bsr_from_dense
+  >>> w = bsr_from_dense(jnp.ones((32, 32)), jnp.ones((32, 32), bool), (16, 16))
+  >>> float(spmm(jnp.ones((2, 32)), w, interpret=True)[0, 0])
+  32.0
+  """
+  ptr, inner, slot = _common.compressed_view(w, transpose)
+  bk, bo, groups = _common.spmm_dims(w, transpose)
+  m = a.shape[0]
+  bm = block_m or _block_m(m)
+  a_p = _common.pad_rows(a, bm)
+  kernel = functools.partial(_spmm_kernel, bm=bm, bk=bk, transpose=transpose)
+  out = pl.pallas_call(
+      kernel,
+      out_shape=jax.ShapeDtypeStruct((a_p.shape[0], groups * bo), a.dtype),
+      grid=(a_p.shape[0] // bm, groups),
+      in_specs=[_ANY] * 5,
+      out_specs=pl.BlockSpec((bm, bo), lambda i, g: (i, g)),
+      compiler_params=None if interpret else _compiler_params(num_warps or (8 if bm * bo >= 128 * 128 else 4), num_stages),
+      interpret=interpret,
+      name="bsr_spmm_t" if transpose else "bsr_spmm",
+  )(ptr, inner, slot, a_p, w.blocks)
+  return out[:m]
+
+
+def _sddmm_kernel(nnzb_ref, row_ref, col_ref, a_ref, b_ref, o_ref, *, bm, br, bc, row_tiles):
+  p = pl.program_id(0)
+  a_cols = pl.ds(pl.multiple_of(row_ref[p] * br, br), br)
+  b_cols = pl.ds(pl.multiple_of(col_ref[p] * bc, bc), bc)
+
+  def step(r, acc):
+    rows = pl.ds(pl.multiple_of(r * bm, bm), bm)
+    return acc + lax.dot_general(a_ref[rows, a_cols], b_ref[rows, b_cols], _TN, preferred_element_type=jnp.float32)
+
+  trips = jnp.where(p < nnzb_ref[0], row_tiles, 0)  # padding slots get zeros
+  acc = lax.fori_loop(0, trips, step, jnp.zeros((br, bc), jnp.float32))
+  o_ref[...] = acc.astype(o_ref.dtype)
+
+
+def sddmm(
+    a: jax.Array,
+    b: jax.Array,
+    w: BlockSparseMatrix,
+    *,
+    interpret: bool = False,
+    block_m: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int = 3,
+) -> jax.Array:
+  """``(a^T @ b)`` on ``w``'s stored blocks: ``[capacity, br, bc]`` in ``w``'s dtype, zero padding.
+
+  >>> import jax.numpy as jnp
+  >>> from pallas_kernels.matmul.format import bsr_from_dense
+  >>> w = bsr_from_dense(jnp.ones((16, 16)), jnp.ones((16, 16), bool), (16, 16))
+  >>> float(sddmm(jnp.ones((4, 16)), jnp.ones((4, 16)), w, interpret=True)[0, 0, 0])
+  4.0
+  """
+  br, bc = w.block_shape
+  m = a.shape[0]
+  bm = block_m or min(64, max(16, _common.next_pow2(m)))
+  a_p, b_p = _common.pad_rows(a, bm), _common.pad_rows(b, bm)
+  kernel = functools.partial(_sddmm_kernel, bm=bm, br=br, bc=bc, row_tiles=a_p.shape[0] // bm)
+  return pl.pallas_call(
+      kernel,
+      out_shape=jax.ShapeDtypeStruct(w.blocks.shape, w.dtype),
+      grid=(w.capacity,),
+      in_specs=[_ANY] * 5,
+      out_specs=pl.BlockSpec((None, br, bc), lambda p: (p, 0, 0)),
+      compiler_params=None if interpret else _compiler_params(num_warps or (8 if br * bc >= 128 * 128 else 4), num_stages),
+      interpret=interpret,
+      name="bsr_sddmm",
+  )(w.nnzb.reshape(1), w.row_idx, w.col_idx, a_p, b_p)
