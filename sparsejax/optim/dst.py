@@ -1,0 +1,165 @@
+"""Dynamic sparse training: SET and RigL (drop and grow at a constant nnz).
+
+Every ``update_every`` steps, per masked leaf, ``floor(n_active * alpha_t)``
+active weights with the smallest magnitude are dropped and as many positions
+are grown -- at random (SET) or by the magnitude of the dense gradient
+(RigL). ``alpha_t`` follows :func:`sparsejax.schedules.cosine_drop_fraction`
+and reaches 0 at ``end_step``. Grown weights start at exactly 0 and their
+inner-optimizer moments are reset (generic, via ``tree_map_params``).
+
+The gradients passed to ``update`` must be the dense gradients w.r.t. the
+stored (masked) weights: since pruned weights are stored as exact zeros, plain
+``jax.grad`` of the model gives them.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from sparsejax import schedules
+from sparsejax.core import pruning as core_pruning
+from sparsejax.core import scores as core_scores
+from sparsejax.optim.pruning import (check_distribution, check_scores,
+                                     initial_scores, prune_to)
+from sparsejax.optim.wrapper import MaskPolicy, selected_masks, sparse_wrapper
+
+__all__ = ["dynamic_sparse", "set_training", "rigl"]
+
+
+def dynamic_sparse(
+    inner: optax.GradientTransformation | None = None, *, sparsity=None,
+    grow: str = "gradient", update_every=100, drop_fraction=0.3, end_step,
+    begin_step=None, distribution: Any = "erk", init_scores: Any = "random",
+    key: Any = 0, skip_gradient_on_update: bool = False, reset_moments: bool = True,
+    include=None, exclude=None, masks=None,
+) -> optax.GradientTransformationExtraArgs:
+  """Drop-and-grow sparse training (the mechanism behind SET and RigL).
+
+  Args:
+    inner: the optimizer (required for gradient growth and moment reset; with
+      ``None`` this is the last element of a chain and ``grow="gradient"``
+      uses the incoming updates).
+    sparsity: sparsity in ``[0, 1)`` of the initial masks (kept constant);
+      optional when ``masks`` is given.
+    grow: ``"gradient"`` (RigL: largest dense-gradient magnitude) or
+      ``"random"`` (SET).
+    update_every: ``dT``, steps between connectivity updates (``>= 1``).
+    drop_fraction: initial drop fraction ``alpha`` in ``[0, 1]``.
+    end_step: step from which masks stop changing (``alpha_t = 0``).
+    begin_step: first update step (default ``update_every``).
+    distribution: layer-wise distribution of the initial masks (``"erk"``,
+      ``"er"``, ``"uniform"``, ``"global"`` or a callable).
+    init_scores: scores of the initial masks (``"random"``, ``"magnitude"``,
+      a tree or a callable ``(params, key) -> tree``).
+    key: int seed or PRNG key (initial masks, random growth).
+    skip_gradient_on_update: no gradient step on update iterations (TF RigL).
+    reset_moments: zero the inner optimizer's moments of grown weights.
+    include: regex(es) of leaf paths to sparsify (default: ndim >= 2).
+    exclude: regex(es) of leaf paths to keep dense.
+    masks: explicit initial mask tree.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``.
+
+  >>> import jax.numpy as jnp, optax
+  >>> tx = dynamic_sparse(optax.adam(1e-2), sparsity=0.5, end_step=100, update_every=1,
+  ...                     begin_step=0, distribution="uniform")
+  >>> p = {'w': jnp.arange(1., 9.).reshape(4, 2)}
+  >>> s = tx.init(p)
+  >>> u, s = tx.update({'w': jnp.ones((4, 2))}, s, p)
+  >>> from sparsejax.optim import get_masks
+  >>> int(get_masks(s)['w'].sum()), int((optax.apply_updates(p, u)['w'] != 0).sum())
+  (4, 3)
+  """
+  if sparsity is None and masks is None:
+    raise ValueError("dynamic sparse training needs a sparsity (or explicit masks)")
+  if sparsity is not None:
+    schedules.check_range("sparsity", sparsity, 0.0, 1.0, hi_open=True,
+                          fix="sparsity is the fraction of zeros, in [0, 1)")
+  schedules.check_range("update_every", update_every, 1, math.inf,
+                        fix="update the masks at most once per step (update_every >= 1)")
+  schedules.check_range("drop_fraction", drop_fraction, 0.0, 1.0)
+  schedules.check_range("end_step", end_step, 0, math.inf, lo_open=True)
+  if grow not in ("gradient", "random"):
+    raise ValueError(f"grow={grow!r}: use 'gradient' (RigL) or 'random' (SET)")
+  check_distribution(distribution)
+  check_scores(init_scores)
+  begin = update_every if begin_step is None else begin_step
+
+  def init_masks(params, k):
+    if masks is not None:
+      return selected_masks(params, masks=masks)
+    sel = selected_masks(params, include, exclude)
+    return prune_to(params, initial_scores(params, init_scores, k), sparsity,
+                    distribution, sel)
+
+  def is_update_step(step):
+    step = jnp.asarray(step)
+    since = step - begin
+    return (since >= 0) & (since % jnp.maximum(update_every, 1) == 0) & (step < end_step)
+
+  def update_masks(step, old, params, grads, k):
+    if grow == "gradient":
+      grow_scores = core_scores.gradient_magnitude(grads)
+    else:
+      grow_scores = core_scores.random_scores(params, k)
+    alpha = schedules.cosine_drop_fraction(step, drop_fraction, end_step)
+    _, new, grown = core_pruning.drop_and_grow(params, old, None, grow_scores, alpha)
+    return new, grown
+
+  policy = MaskPolicy(
+      init_masks=init_masks, is_update_step=is_update_step, update_masks=update_masks,
+      target=(lambda step: jnp.nan) if sparsity is None else (lambda step: sparsity),
+      regrows=True)
+  return sparse_wrapper(inner, policy, key=key, reset_moments=reset_moments,
+                        skip_gradient_on_update=skip_gradient_on_update)
+
+
+def _variant(grow: str, name: str, doc: str):
+  def variant(inner: optax.GradientTransformation | None = None, *, sparsity=None,
+              update_every=100, drop_fraction=0.3, end_step, begin_step=None,
+              distribution: Any = "erk", init_scores: Any = "random", key: Any = 0,
+              skip_gradient_on_update: bool = False, reset_moments: bool = True,
+              include=None, exclude=None, masks=None,
+              ) -> optax.GradientTransformationExtraArgs:
+    return dynamic_sparse(
+        inner, sparsity=sparsity, grow=grow, update_every=update_every,
+        drop_fraction=drop_fraction, end_step=end_step, begin_step=begin_step,
+        distribution=distribution, init_scores=init_scores, key=key,
+        skip_gradient_on_update=skip_gradient_on_update, reset_moments=reset_moments,
+        include=include, exclude=exclude, masks=masks)
+  variant.__name__ = variant.__qualname__ = name
+  variant.__doc__ = doc
+  return variant
+
+
+set_training = _variant("random", "set_training", """SET (Mocanu et al. 2018): magnitude drop, random growth.
+
+  Arguments as in :func:`dynamic_sparse` (with ``grow="random"``). Explicit
+  keyword arguments (no ``**kwargs``) keep it usable with
+  ``optax.inject_hyperparams``.
+
+  >>> import jax.numpy as jnp, optax
+  >>> tx = set_training(optax.sgd(0.1), sparsity=0.9, end_step=1000)
+  >>> from sparsejax.optim import get_masks
+  >>> int(get_masks(tx.init({'w': jnp.ones((20, 50))}))['w'].sum())
+  100
+  """)
+
+rigl = _variant("gradient", "rigl", """RigL (Evci et al. 2020): magnitude drop, dense-gradient growth.
+
+  Arguments as in :func:`dynamic_sparse` (with ``grow="gradient"``); pass
+  ``skip_gradient_on_update=True`` for TF RigL's behaviour (no gradient step
+  on mask-update iterations).
+
+  >>> import jax.numpy as jnp, optax
+  >>> tx = rigl(optax.adam(1e-3), sparsity=0.9, end_step=1000)
+  >>> from sparsejax.optim import get_masks
+  >>> int(get_masks(tx.init({'w': jnp.ones((20, 50))}))['w'].sum())
+  100
+  """)

@@ -1,0 +1,264 @@
+"""Magnitude pruning during training (gradual, one-shot) and static sparse training.
+
+All three are :class:`~sparsejax.optim.MaskPolicy` instances run by
+:func:`~sparsejax.optim.sparse_wrapper`: pruned weights land on exact zeros
+with every ``optax.apply_updates`` and never come back.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from sparsejax import schedules
+from sparsejax.core import distributions as core_dist
+from sparsejax.core import masks as core_masks
+from sparsejax.core import pruning as core_pruning
+from sparsejax.core import scores as core_scores
+from sparsejax.optim.wrapper import MaskPolicy, selected_masks, sparse_wrapper
+
+__all__ = [
+    "gradual_magnitude_pruning",
+    "one_shot_pruning",
+    "static_sparse",
+    "DISTRIBUTIONS",
+]
+
+DISTRIBUTIONS = ("uniform", "erk", "er", "global")
+
+
+def check_distribution(distribution: Any) -> None:
+  """Raises ``ValueError`` for an unknown layer-wise distribution name."""
+  if callable(distribution):
+    return
+  if distribution not in DISTRIBUTIONS:
+    raise ValueError(f"unknown distribution {distribution!r}: use one of "
+                     f"{DISTRIBUTIONS} or a callable (params, sparsity) -> "
+                     "per-leaf sparsity tree")
+
+
+def _flags(masks):
+  return jax.tree.map(lambda m: m is not None, masks, is_leaf=core_masks.is_none)
+
+
+def prune_to(params, scores, sparsity, distribution, masks):
+  """Masks keeping the top ``1 - sparsity`` of ``scores`` among ``masks``.
+
+  ``distribution``: ``"uniform"`` (every masked leaf at ``sparsity``),
+  ``"erk"``/``"er"`` (Erdos-Renyi(-Kernel) per-leaf sparsities), ``"global"``
+  (one top-k over all masked leaves) or a callable
+  ``(params, sparsity) -> per-leaf sparsity tree``.
+  """
+  if distribution == "global":
+    return core_pruning.prune_global(params, scores, sparsity, masks=masks)[1]
+  if distribution == "uniform":
+    per_leaf = sparsity
+  elif distribution in ("erk", "er"):
+    per_leaf = core_dist.erdos_renyi(params, sparsity, kernel=distribution == "erk",
+                                     selection=_flags(masks))
+  else:
+    per_leaf = distribution(params, sparsity)
+  return core_pruning.prune(params, scores, per_leaf, masks=masks)[1]
+
+
+def _magnitude_scores(masks, params):
+  # Removed weights never come back: rank them below every kept one.
+  return jax.tree.map(
+      lambda m, p: None if m is None else jnp.where(m, jnp.abs(p), -1.0).astype(jnp.float32),
+      masks, params, is_leaf=core_masks.is_none)
+
+
+def _magnitude_policy(sparsity_at, is_update_step, distribution, include, exclude, masks):
+  def init_masks(params, key):
+    del key
+    return selected_masks(params, include, exclude, masks)
+
+  def update_masks(step, old, params, grads, key):
+    del grads, key
+    scores = _magnitude_scores(old, params)
+    return prune_to(params, scores, sparsity_at(step), distribution, old), None
+
+  return MaskPolicy(init_masks=init_masks, is_update_step=is_update_step,
+                    update_masks=update_masks, target=sparsity_at)
+
+
+def gradual_magnitude_pruning(
+    inner: optax.GradientTransformation | None = None, *, sparsity, end_step,
+    begin_step=0, frequency=100, initial_sparsity=0.0, power=3,
+    distribution: Any = "uniform", include=None, exclude=None, masks=None,
+) -> optax.GradientTransformationExtraArgs:
+  """Gradual magnitude pruning (Zhu & Gupta 2017) around an optimizer.
+
+  Every ``frequency`` steps from ``begin_step`` to ``end_step`` (and at
+  ``end_step``) the smallest-magnitude kept weights are pruned so that the
+  sparsity follows :func:`sparsejax.schedules.polynomial_sparsity`; pruned
+  weights become exact zeros and stay zero.
+
+  Args:
+    inner: the optimizer, or ``None`` to use this as the last element of an
+      ``optax.chain``.
+    sparsity: final sparsity in ``[0, 1)`` (may be injected).
+    end_step: step at which ``sparsity`` is reached.
+    begin_step: first pruning step.
+    frequency: steps between mask updates (``>= 1``).
+    initial_sparsity: sparsity at ``begin_step``.
+    power: exponent of the polynomial ramp (3: cubic).
+    distribution: ``"uniform"``, ``"erk"``, ``"er"``, ``"global"`` or a
+      callable ``(params, sparsity) -> per-leaf sparsity tree``.
+    include: regex(es) of leaf paths to prune (default: leaves with ndim >= 2).
+    exclude: regex(es) of leaf paths to keep dense.
+    masks: initial mask tree (default all True on the selected leaves).
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``.
+
+  >>> import jax.numpy as jnp, optax
+  >>> tx = gradual_magnitude_pruning(optax.sgd(0.0), sparsity=0.5, end_step=2, frequency=1)
+  >>> p = {'w': jnp.arange(1., 9.).reshape(4, 2)}
+  >>> s = tx.init(p)
+  >>> for _ in range(3):
+  ...   u, s = tx.update(jax.tree.map(jnp.zeros_like, p), s, p)
+  ...   p = optax.apply_updates(p, u)
+  >>> p['w'].ravel().tolist()
+  [0.0, 0.0, 0.0, 0.0, 5.0, 6.0, 7.0, 8.0]
+  """
+  schedules.check_range("sparsity", sparsity, 0.0, 1.0, hi_open=True,
+                        fix="sparsity is the fraction of zeros, in [0, 1)")
+  schedules.check_range("frequency", frequency, 1, math.inf,
+                        fix="prune at least every 1 step (frequency >= 1)")
+  check_distribution(distribution)
+  # Validates begin/end and initial sparsity.
+  schedules.polynomial_sparsity(0, sparsity, begin_step, end_step, initial_sparsity, power)
+
+  def sparsity_at(step):
+    return schedules.polynomial_sparsity(step, sparsity, begin_step, end_step,
+                                         initial_sparsity, power)
+
+  def is_update_step(step):
+    return schedules.periodic(step, frequency, begin_step, end_step)
+
+  policy = _magnitude_policy(sparsity_at, is_update_step, distribution, include,
+                             exclude, masks)
+  return sparse_wrapper(inner, policy)
+
+
+def one_shot_pruning(
+    inner: optax.GradientTransformation | None = None, *, sparsity, step=0,
+    distribution: Any = "uniform", include=None, exclude=None, masks=None,
+) -> optax.GradientTransformationExtraArgs:
+  """One-shot magnitude pruning at ``step``; training continues sparse.
+
+  Args:
+    inner: the optimizer, or ``None`` (last element of an ``optax.chain``).
+    sparsity: sparsity in ``[0, 1)`` reached at ``step``.
+    step: the update at which pruning happens (0: before the first update).
+    distribution: ``"uniform"``, ``"erk"``, ``"er"``, ``"global"`` or a callable.
+    include: regex(es) of leaf paths to prune (default: ndim >= 2).
+    exclude: regex(es) of leaf paths to keep dense.
+    masks: initial mask tree (default all True on the selected leaves).
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``.
+
+  >>> import jax.numpy as jnp, optax
+  >>> tx = one_shot_pruning(optax.sgd(0.0), sparsity=0.75)
+  >>> p = {'w': jnp.array([[1., -4.], [3., 2.]]), 'b': jnp.ones(2)}
+  >>> u, s = tx.update(jax.tree.map(jnp.zeros_like, p), tx.init(p), p)
+  >>> optax.apply_updates(p, u)['w'].tolist()
+  [[0.0, -4.0], [0.0, 0.0]]
+  """
+  schedules.check_range("sparsity", sparsity, 0.0, 1.0, hi_open=True,
+                        fix="sparsity is the fraction of zeros, in [0, 1)")
+  schedules.check_range("step", step, 0, math.inf)
+  check_distribution(distribution)
+
+  def sparsity_at(t):
+    return schedules.one_shot_sparsity(t, sparsity, step)
+
+  def is_update_step(t):
+    return jnp.asarray(t) == step
+
+  policy = _magnitude_policy(sparsity_at, is_update_step, distribution, include,
+                             exclude, masks)
+  return sparse_wrapper(inner, policy)
+
+
+def initial_scores(params, scores, key):
+  """Score tree for init-time masks: ``"random"``, ``"magnitude"``, a tree, or a
+  callable ``(params, key) -> tree``."""
+  if isinstance(scores, str):
+    if scores == "random":
+      return core_scores.random_scores(params, key)
+    if scores == "magnitude":
+      return core_scores.magnitude(params)
+    raise ValueError(f"unknown scores {scores!r}: use 'random', 'magnitude', a "
+                     "score tree like params (e.g. sparsejax.core.scores.saliency"
+                     "(params, grads) for SNIP) or a callable (params, key) -> tree")
+  if callable(scores):
+    return scores(params, key)
+  return scores
+
+
+def check_scores(scores: Any) -> None:
+  if isinstance(scores, str) and scores not in ("random", "magnitude"):
+    initial_scores(None, scores, None)
+
+
+def static_sparse(
+    inner: optax.GradientTransformation | None = None, *, sparsity=None,
+    scores: Any = "random", distribution: Any = "erk", key: Any = 0,
+    include=None, exclude=None, masks=None,
+) -> optax.GradientTransformationExtraArgs:
+  """Static sparse training: masks chosen once at ``init``, then fixed.
+
+  Random pruning (``scores="random"``, ERK by default), magnitude, or SNIP
+  (``scores=sparsejax.core.scores.saliency(params, grads)`` with
+  ``distribution="global"``); or pass ``masks`` directly.
+
+  Args:
+    inner: the optimizer, or ``None`` (last element of an ``optax.chain``).
+    sparsity: target sparsity in ``[0, 1)`` over the selected leaves
+      (optional when ``masks`` is given).
+    scores: ``"random"``, ``"magnitude"``, a score tree like params, or a
+      callable ``(params, key) -> score tree``.
+    distribution: ``"erk"``, ``"er"``, ``"uniform"``, ``"global"`` or a callable.
+    key: int seed or PRNG key (random scores).
+    include: regex(es) of leaf paths to prune (default: ndim >= 2).
+    exclude: regex(es) of leaf paths to keep dense.
+    masks: explicit mask tree (then ``scores``/``distribution`` are unused).
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``. The first update zeros the
+    pruned weights (or call :func:`~sparsejax.optim.apply_state_masks` after
+    ``init``).
+
+  >>> import jax.numpy as jnp, optax
+  >>> p = {'w': jnp.ones((100, 100)), 'b': jnp.ones(100)}
+  >>> s = static_sparse(optax.adam(1e-3), sparsity=0.9).init(p)
+  >>> from sparsejax.optim import get_masks
+  >>> int(get_masks(s)['w'].sum())
+  1000
+  """
+  if sparsity is None:
+    if masks is None:
+      raise ValueError("static_sparse needs a sparsity (or explicit masks)")
+    sparsity = core_masks.global_sparsity(masks)
+  schedules.check_range("sparsity", sparsity, 0.0, 1.0, hi_open=True,
+                        fix="sparsity is the fraction of zeros, in [0, 1)")
+  check_distribution(distribution)
+  check_scores(scores)
+
+  def init_masks(params, k):
+    if masks is not None:
+      return selected_masks(params, masks=masks)
+    sel = selected_masks(params, include, exclude)
+    sc = initial_scores(params, scores, k)
+    return prune_to(params, sc, sparsity, distribution, sel)
+
+  policy = MaskPolicy(init_masks=init_masks, target=lambda step: sparsity)
+  return sparse_wrapper(inner, policy, key=key)
+

@@ -1,0 +1,288 @@
+"""The one mechanism behind every sparsity transformation: :func:`sparse_wrapper`.
+
+A sparse method is a small :class:`MaskPolicy` (how masks start, when and how
+they change, whether pruned weights are hard zeros) plus this wrapper, which
+owns the inner optimizer. Each update:
+
+1. on mask-update steps only (``lax.cond``, one trace serves both kinds of
+   step), the policy computes new masks (and the newly grown positions) from
+   the weights, the incoming dense gradients and a PRNG key; non-finite
+   gradients leave the masks unchanged;
+2. the gradients given to the inner optimizer are masked (hard methods), or
+   get SR-STE's decay term ``decay * (1 - m) * W`` (STE-like methods);
+3. the inner optimizer runs; moments of grown weights are reset with
+   :func:`~sparsejax.optim.reset_moments` (generic ``tree_map_params``);
+4. the updates of pruned (and grown) weights become ``-params`` so that plain
+   ``optax.apply_updates`` lands them on exact zeros -- no post-step hook;
+5. STE-like policies recompute the forward masks from the updated weights.
+
+The wrapper must produce the final updates: use it as the outermost
+transformation or inside update-preserving wrappers (``MultiSteps``,
+``apply_if_finite``, ``inject_hyperparams``), or as the last element of an
+``optax.chain`` with ``inner=None`` (then the moments of the earlier chain
+elements are not reset and growth scores are the incoming updates).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax import lax
+
+from sparsejax import schedules
+from sparsejax.core import masks as core_masks
+from sparsejax.core import paths as core_paths
+from sparsejax.optim import moments
+from sparsejax.optim.state import SparseState, _unwrap
+
+__all__ = ["MaskPolicy", "sparse_wrapper", "make_key", "selected_masks"]
+
+_is_none = core_masks.is_none
+
+
+def make_key(key: Any) -> jax.Array:
+  """Raw PRNG key data from an int seed or a (typed or raw) key.
+
+  >>> make_key(0).dtype.name
+  'uint32'
+  """
+  if isinstance(key, jax.Array) and jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+    return jax.random.key_data(key)
+  arr = jnp.asarray(key)
+  if arr.ndim == 0:
+    return jax.random.key_data(jax.random.key(arr.astype(jnp.uint32)))
+  return arr.astype(jnp.uint32)
+
+
+def _wrap_key(data):
+  return jax.random.wrap_key_data(data)
+
+
+def selected_masks(params: Any, include=None, exclude=None, masks: Any = None) -> Any:
+  """All-True masks on the selected leaves, or the given ``masks`` (validated).
+
+  Args:
+    params: parameter pytree.
+    include: regex(es) of leaf paths to mask (default: every leaf with ndim >= 2).
+    exclude: regex(es) of leaf paths to keep dense.
+    masks: explicit initial mask tree; checked against ``params``.
+
+  Returns:
+    Mask tree.
+
+  >>> import jax.numpy as jnp
+  >>> m = selected_masks({'w': jnp.ones((2, 2)), 'b': jnp.ones(2)})
+  >>> m['b'] is None, m['w'].shape
+  (True, (2, 2))
+  """
+  if masks is not None:
+    masks = _unwrap(masks)
+    core_masks.validate_masks(masks, params)
+    return masks
+  return core_masks.init_masks(params, core_paths.select(params, include, exclude))
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskPolicy:
+  """How one sparse method chooses its masks (all callables pure and jit-able).
+
+  Attributes:
+    init_masks: ``(params, key) -> masks``, the initial mask tree.
+    is_update_step: ``step -> bool`` array, mask-update steps (pre-gradient);
+      ``None`` if masks never change before the gradient step.
+    update_masks: ``(step, masks, params, grads, key) -> (masks, grown)``,
+      run under ``lax.cond`` on update steps only; ``grown`` is a mask tree of
+      newly grown positions (zeroed, moments reset) or ``None``.
+    forward_masks: ``(step, new_params, masks) -> masks`` run after every
+      update for STE-like methods (masks of the next forward pass), or ``None``.
+    hard: pruned weights are exact zeros: ``True``, ``False`` or a function of
+      the step (e.g. a hard-mask fine-tune phase).
+    target: ``step -> float``, the scheduled sparsity at a step.
+    beta: ``step -> float``, the forward factor of pruned weights (MDGF), or
+      ``None`` for 0.
+    decay: SR-STE's ``lambda_W``: ``decay * (1 - m) * W`` is added to the
+      gradient before the inner optimizer.
+  """
+  init_masks: Callable[..., Any]
+  is_update_step: Callable[[Any], Any] | None = None
+  update_masks: Callable[..., Any] | None = None
+  forward_masks: Callable[..., Any] | None = None
+  hard: bool | Callable[[Any], Any] = True
+  target: Callable[[Any], Any] = lambda step: 0.0
+  beta: Callable[[Any], Any] | None = None
+  decay: Any = 0.0
+  regrows: bool = False
+
+
+def _all_finite(tree) -> jax.Array:
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
+
+
+def _no_grown(masks):
+  return jax.tree.map(lambda m: None if m is None else jnp.zeros_like(m), masks,
+                      is_leaf=_is_none)
+
+
+def _zero_decay(decay) -> bool:
+  c = schedules.concrete(decay)
+  return c is not None and c == 0.0
+
+
+def sparse_wrapper(inner: optax.GradientTransformation | None, policy: MaskPolicy, *,
+                   key: Any = 0, reset_moments: bool = True,
+                   skip_gradient_on_update: bool = False,
+                   ) -> optax.GradientTransformationExtraArgs:
+  """Wraps ``inner`` so that its updates follow ``policy``'s masks.
+
+  Args:
+    inner: the optimizer (any ``optax.GradientTransformation``), or ``None``
+      for the identity (use the result as the last element of a chain).
+    policy: the sparse method's :class:`MaskPolicy`.
+    key: int seed or PRNG key for random masks and random growth.
+    reset_moments: zero the inner optimizer's moments of grown weights.
+    skip_gradient_on_update: on mask-update steps, only update the masks (no
+      gradient step, inner state unchanged), as TF RigL does.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` whose state holds a
+    :class:`~sparsejax.optim.SparseState`.
+
+  >>> import jax.numpy as jnp, optax
+  >>> pol = MaskPolicy(init_masks=lambda p, k: {'w': jnp.array([True, False])})
+  >>> tx = sparse_wrapper(optax.sgd(1.0), pol)
+  >>> p = {'w': jnp.array([1., 2.])}
+  >>> u, _ = tx.update({'w': jnp.array([0.5, 0.5])}, tx.init(p), p)
+  >>> optax.apply_updates(p, u)['w'].tolist()
+  [0.5, 0.0]
+  """
+  inner = optax.identity() if inner is None else inner
+  inner = optax.with_extra_args_support(inner)
+  hard = policy.hard
+  has_decay = not _zero_decay(policy.decay)
+
+  def beta_at(step):
+    if policy.beta is None:
+      return jnp.zeros((), jnp.float32)
+    return jnp.asarray(policy.beta(step), jnp.float32)
+
+  def init_fn(params):
+    pure = _unwrap(params)
+    k = make_key(key)
+    k_init, k_state = jax.random.split(_wrap_key(k))
+    masks = policy.init_masks(pure, k_init)
+    core_masks.validate_masks(masks, pure)
+    zero = jnp.zeros((), jnp.int32)
+    return SparseState(
+        sparse_step=zero,
+        sparse_masks=masks,
+        sparse_key=jax.random.key_data(k_state),
+        sparse_target=jnp.asarray(policy.target(zero), jnp.float32),
+        sparse_beta=beta_at(zero),
+        sparse_inner=inner.init(params),
+    )
+
+  def update_fn(updates, state, params=None, **extra_args):
+    if params is None:
+      raise ValueError("sparsejax transformations need the params: call "
+                       "tx.update(grads, opt_state, params).")
+    step = state.sparse_step
+    masks = state.sparse_masks
+    key_data = state.sparse_key
+    target = state.sparse_target
+    grown = None
+    is_upd = None
+
+    if policy.update_masks is not None:
+      is_upd = jnp.asarray(policy.is_update_step(step), bool)
+
+      def do_update(operands):
+        old, kd = operands
+        k, sub = jax.random.split(_wrap_key(kd))
+        new, new_grown = policy.update_masks(step, old, params, updates, sub)
+        ok = _all_finite(updates)
+        new = jax.tree.map(lambda n, o: None if o is None else jnp.where(ok, n, o),
+                           new, old, is_leaf=_is_none)
+        if policy.regrows:
+          new_grown = jax.tree.map(lambda g: None if g is None else g & ok,
+                                   new_grown, is_leaf=_is_none)
+        else:
+          new_grown = None
+        return new, new_grown, jax.random.key_data(k)
+
+      def no_update(operands):
+        old, kd = operands
+        return old, (_no_grown(old) if policy.regrows else None), kd
+
+      masks, grown, key_data = lax.cond(is_upd, do_update, no_update, (masks, key_data))
+      target = jnp.where(is_upd, jnp.asarray(policy.target(step), jnp.float32), target)
+
+    hard_now = hard(step) if callable(hard) else hard
+
+    def keep_grad(m):  # where gradients reach the inner optimizer
+      if hard_now is True:
+        return m
+      return m | ~hard_now
+
+    # 2. gradients for the inner optimizer
+    def grad_leaf(m_old, m, g, w):
+      if m is None:
+        return g
+      if has_decay:
+        g = g + jnp.where(m_old, jnp.zeros((), g.dtype),
+                          jnp.asarray(policy.decay, g.dtype) * w.astype(g.dtype))
+      if hard_now is False:
+        return g
+      return jnp.where(keep_grad(m), g, jnp.zeros((), g.dtype))
+
+    inner_grads = jax.tree.map(grad_leaf, state.sparse_masks, masks, updates, params,
+                               is_leaf=_is_none)
+
+    # 3. the inner optimizer
+    inner_updates, inner_state = inner.update(inner_grads, state.sparse_inner, params,
+                                              **extra_args)
+    if skip_gradient_on_update and is_upd is not None:
+      inner_updates = jax.tree.map(
+          lambda u: jnp.where(is_upd, jnp.zeros((), u.dtype), u), inner_updates)
+      inner_state = jax.tree.map(lambda new, old: jnp.where(is_upd, old, new),
+                                 inner_state, state.sparse_inner)
+    if grown is not None and reset_moments:
+      inner_state = moments.reset_moments(inner, inner_state, grown)
+
+    # 4. land pruned (and grown) weights on exact zeros
+    def project(m, gr, u, w):
+      if m is None or hard_now is False:
+        return u
+      keep = m if gr is None else (m & ~gr)
+      if hard_now is not True:
+        keep = keep | ~hard_now
+      return jnp.where(keep, u, -w.astype(u.dtype))
+
+    if grown is None:
+      out = jax.tree.map(lambda m, u, w: project(m, None, u, w), masks, inner_updates,
+                         params, is_leaf=_is_none)
+    else:
+      out = jax.tree.map(project, masks, grown, inner_updates, params, is_leaf=_is_none)
+
+    # 5. next forward masks (STE-like)
+    new_step = optax.safe_increment(step)
+    if policy.forward_masks is not None:
+      new_params = optax.apply_updates(params, out)
+      masks = policy.forward_masks(new_step, new_params, masks)
+      target = jnp.asarray(policy.target(new_step), jnp.float32)
+
+    return out, SparseState(
+        sparse_step=new_step,
+        sparse_masks=masks,
+        sparse_key=key_data,
+        sparse_target=target,
+        sparse_beta=beta_at(new_step),
+        sparse_inner=inner_state,
+    )
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
