@@ -1,0 +1,148 @@
+"""Helpers shared by the attention reference and kernels: shape checks, padding, masking."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+
+from pallas_kernels.attention.block_mask import BlockMask
+
+_FLOATS = (jnp.float16, jnp.bfloat16, jnp.float32, jnp.float64)
+
+
+@dataclasses.dataclass(frozen=True)
+class Dims:
+  """Static problem sizes of one attention call."""
+
+  batch: int
+  q_len: int
+  kv_len: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  q_block: int
+  kv_block: int
+  mask_batch: int
+  mask_heads: int
+
+  @property
+  def group(self) -> int:
+    """Query heads per kv head."""
+    return self.num_heads // self.num_kv_heads
+
+  @property
+  def nq(self) -> int:
+    return -(-self.q_len // self.q_block)
+
+  @property
+  def nk(self) -> int:
+    return -(-self.kv_len // self.kv_block)
+
+  @property
+  def q_pad(self) -> int:
+    return self.nq * self.q_block
+
+  @property
+  def kv_pad(self) -> int:
+    return self.nk * self.kv_block
+
+  @property
+  def ragged_kv(self) -> bool:
+    """Whether the last kv-block reaches past ``kv_len`` (its extra keys are masked)."""
+    return self.kv_len % self.kv_block != 0
+
+  @property
+  def heads_per_mask_head(self) -> int:
+    return self.num_heads // self.mask_heads
+
+
+def check_inputs(q, k, v, block_mask: BlockMask) -> Dims:
+  """Validates q/k/v against each other and the mask; returns the static sizes."""
+  if not isinstance(block_mask, BlockMask):
+    raise TypeError(f"block_mask: expected a BlockMask, got {type(block_mask).__name__}; build "
+                    "one with pallas_kernels.attention.causal_mask and friends")
+  for name, x in (("q", q), ("k", k), ("v", v)):
+    if getattr(x, "ndim", None) != 4:
+      raise ValueError(f"{name}: expected [batch, seq, heads, head_dim], got shape "
+                       f"{getattr(x, 'shape', None)}")
+    if not any(x.dtype == d for d in _FLOATS):
+      raise TypeError(f"{name}: expected float16/bfloat16/float32 inputs, got {x.dtype}")
+  if not (q.dtype == k.dtype == v.dtype):
+    raise TypeError(f"q, k, v: dtypes differ ({q.dtype}, {k.dtype}, {v.dtype}); cast them to one")
+  b, sq, hq, d = q.shape
+  if k.shape != v.shape:
+    raise ValueError(f"v: expected the shape of k {k.shape}, got {v.shape}")
+  if k.shape[0] != b or k.shape[3] != d:
+    raise ValueError(f"k: expected [batch={b}, kv_len, kv_heads, head_dim={d}], got {k.shape}")
+  hk = k.shape[2]
+  if hq % hk:
+    raise ValueError(f"k: {hk} kv heads must divide the {hq} query heads (grouped-query "
+                     "attention)")
+  block_mask.validate(batch=b, num_heads=hq, q_len=sq, kv_len=k.shape[1])
+  return Dims(b, sq, k.shape[1], hq, hk, d, block_mask.q_block, block_mask.kv_block,
+              block_mask.batch, block_mask.num_heads)
+
+
+def pad_axis(x, size: int, axis: int, value=0):
+  """Pads ``x`` with ``value`` along ``axis`` up to ``size``."""
+  extra = size - x.shape[axis]
+  if extra == 0:
+    return x
+  widths = [(0, 0)] * x.ndim
+  widths[axis] = (0, extra)
+  return jnp.pad(x, widths, constant_values=value)
+
+
+def padded_mask_data(block_mask: BlockMask, dims: Dims):
+  """Mask data padded to whole blocks: (q_data [B', q_pad], kv_data [B', kv_pad]) int32."""
+  mm = block_mask.mask_mod
+  if mm is None:
+    return (), ()
+  qd = tuple(pad_axis(x.astype(jnp.int32), dims.q_pad, 1) for x in mm.q_data)
+  kd = tuple(pad_axis(x.astype(jnp.int32), dims.kv_pad, 1) for x in mm.kv_data)
+  return qd, kd
+
+
+def allowed_in_block(fn, partial, q_pos, kv_pos, q_data, kv_data, kv_len: int,
+                     ragged_kv: bool):
+  """Token mask inside one block: ``fn`` for partial blocks, bounds for a ragged kv edge.
+
+  ``partial`` is a Python bool (kernels with separate loops) or a traced bool.
+  Returns ``None`` when nothing needs masking (full block, no ragged edge).
+  """
+  allowed = None
+  if ragged_kv:
+    allowed = kv_pos < kv_len
+  if partial is not False and fn is not None:
+    m = fn(q_pos, kv_pos, q_data, kv_data)
+    if partial is not True:
+      m = m | jnp.logical_not(partial)
+    allowed = m if allowed is None else allowed & m
+  return allowed
+
+
+def safe_max(m):
+  """Replaces -inf row maxima by 0 so that ``exp(s - m)`` is 0, never NaN."""
+  return jnp.where(m == -jnp.inf, 0.0, m)
+
+
+def compute_dtype(dtype):
+  """float64 inputs compute in float64 (tests); everything else in float32."""
+  return jnp.float64 if dtype == jnp.float64 else jnp.float32
+
+
+def mask_rows(arr, dims: Dims):
+  """Expands ``[B', H', ...]`` mask arrays to ``[batch, num_heads, ...]`` (a gather)."""
+  b_idx = jnp.arange(dims.batch) if dims.mask_batch > 1 else jnp.zeros(dims.batch, jnp.int32)
+  h_idx = jnp.arange(dims.num_heads) // dims.heads_per_mask_head
+  return arr[b_idx[:, None], h_idx[None, :]]
+
+
+def check_block_sizes_pow2(dims: Dims, backend: str, minimum: int = 16):
+  """Triton and Mosaic GPU tiles: block sizes powers of two, at least ``minimum``."""
+  for name, v in (("q_block", dims.q_block), ("kv_block", dims.kv_block)):
+    if v < minimum or v & (v - 1):
+      raise ValueError(f"block_mask/{name}: the {backend} backend needs a power of two >= "
+                       f"{minimum}, got {v}; rebuild the mask with another block size")
+
