@@ -9,6 +9,7 @@ schedule yourself); retrain. After ``r`` rounds the density is about ``(1 - p) *
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -30,6 +31,25 @@ def _n_keep(n_remaining, fraction):
   dt = jnp.float64 if jax.config.jax_enable_x64 else jnp.float32
   n_prune = jnp.round(n_remaining.astype(dt) * jnp.asarray(fraction, dt)).astype(n_remaining.dtype)
   return n_remaining - n_prune
+
+
+@jax.jit
+def _imp_leaf(score, old, fraction):
+  remaining = jnp.sum(old, dtype=jnp.int32)
+  return _sel.global_topk_masks([score], k=_n_keep(remaining, fraction), masks=[old])[0]
+
+
+@functools.partial(jax.jit, static_argnames=("normalize",))
+def _imp_global(scores, olds, fraction, *, normalize):
+  sc = []
+  for s, m in zip(scores, olds):
+    if normalize:
+      s = s.astype(jnp.promote_types(s.dtype, jnp.float32))
+      norm = jnp.sqrt(jnp.sum(jnp.where(m, s * s, 0)))
+      s = s / jnp.where(norm > 0, norm, 1)
+    sc.append(s)
+  remaining = sum(jnp.sum(m, dtype=jnp.int32) for m in olds)
+  return _sel.global_topk_masks(sc, k=_n_keep(remaining, fraction), masks=list(olds))
 
 
 def imp_prune(params: PyTree, masks: PyTree | None, fraction, *, scores: PyTree | None = None,
@@ -72,28 +92,18 @@ def imp_prune(params: PyTree, masks: PyTree | None, fraction, *, scores: PyTree 
   idx = [i for i, a in enumerate(active) if a]
   if not idx:
     raise ValueError(f"{fn}: the mask tree has no masked leaf; leaf paths are {paths}.")
+  if normalize and not global_prune:
+    raise ValueError(f"{fn}: normalize=True only applies to global_prune=True (a per-leaf "
+                     "ranking is unchanged by scaling).")
   new_m = list(old)
   if global_prune:
-    sc = []
-    for i in idx:
-      s = jnp.asarray(ss[i])
-      if normalize:
-        s = s.astype(jnp.promote_types(s.dtype, jnp.float32))
-        norm = jnp.sqrt(jnp.sum(jnp.where(old[i], s * s, 0)))
-        s = s / jnp.where(norm > 0, norm, 1)
-      sc.append(s)
-    remaining = sum(jnp.sum(old[i], dtype=jnp.int32) for i in idx)
-    got = _sel.global_topk_masks(sc, k=_n_keep(remaining, fraction), masks=[old[i] for i in idx])
+    got = _imp_global([jnp.asarray(ss[i]) for i in idx], [old[i] for i in idx], fraction,
+                      normalize=normalize)
     for j, i in enumerate(idx):
       new_m[i] = got[j]
   else:
-    if normalize:
-      raise ValueError(f"{fn}: normalize=True only applies to global_prune=True (a per-leaf "
-                       "ranking is unchanged by scaling).")
     for i in idx:
-      remaining = jnp.sum(old[i], dtype=jnp.int32)
-      new_m[i] = _sel.global_topk_masks([jnp.asarray(ss[i])], k=_n_keep(remaining, fraction),
-                                        masks=[old[i]])[0]
+      new_m[i] = _imp_leaf(jnp.asarray(ss[i]), old[i], fraction)
   new_p = [x if m is None else _zero_out(x, m) for x, m in zip(leaves, new_m)]
   return jax.tree.unflatten(treedef, new_p), jax.tree.unflatten(treedef, new_m)
 

@@ -14,6 +14,7 @@ Scores follow the keep-largest convention of :mod:`sparsejax.core.scores`.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -150,6 +151,21 @@ def _topk_among(scores, k, eligible):
   return _sel.global_topk_masks([scores], k=k, masks=[eligible])[0]
 
 
+@functools.partial(jax.jit, static_argnames=("pattern", "fixed"))
+def _prune_leaf(sc, s, m, *, pattern, fixed):
+  """The mask of one leaf (jitted: one compile per shape, fast eager calls)."""
+  density = None if s is None else 1.0 - jnp.asarray(s, jnp.float32)
+  if isinstance(pattern, Unstructured):
+    if m is None:
+      return pattern(sc, density)
+    return _topk_among(sc, _sel.num_to_keep(sc.size, density), m)
+  if m is not None:
+    fill = 0 if isinstance(pattern, (Block, Channel)) else -jnp.inf
+    sc = jnp.where(m, sc, jnp.asarray(fill, jnp.result_type(sc)))
+  mask = pattern(sc, None if fixed else density)
+  return mask if m is None else mask & m
+
+
 def _prunable(fn, params, masks, sparsity, selection):
   """paths, leaves, treedef, old mask list, active flags."""
   paths, leaves, treedef = _flat(params)
@@ -223,24 +239,25 @@ def prune(params: PyTree, scores: PyTree | None, sparsity, *, pattern=Unstructur
                        "density; pass a sparsity.")
     _check_unit(s, "sparsity", fn, p)
     pattern.check(p, tuple(np.shape(leaf)), s)
-    density = None if s is None else 1.0 - jnp.asarray(s, jnp.float32)
-    sc = jnp.asarray(sc)
-    if isinstance(pattern, Unstructured):
-      if m is None:
-        mask = pattern(sc, density, path=p)
-      else:
-        k = _sel.num_to_keep(int(np.prod(np.shape(leaf))), density)
-        mask = _topk_among(sc, k, m)
-    else:
-      if m is not None:
-        fill = 0 if isinstance(pattern, (Block, Channel)) else -jnp.inf
-        sc = jnp.where(m, sc, jnp.asarray(fill, jnp.result_type(sc)))
-      mask = pattern(sc, density if fixed is None else None, path=p)
-      if m is not None:
-        mask = mask & m
+    mask = _prune_leaf(jnp.asarray(sc), s, m, pattern=pattern, fixed=fixed is not None)
     new_m.append(mask)
     new_p.append(_zero_out(leaf, mask))
   return jax.tree.unflatten(treedef, new_p), jax.tree.unflatten(treedef, new_m)
+
+
+@functools.partial(jax.jit, static_argnames=("normalize",))
+def _global_select(scores, masks, sparsity, *, normalize):
+  sel = []
+  for s, m in zip(scores, masks):
+    if normalize:
+      s32 = s.astype(jnp.promote_types(s.dtype, jnp.float32))
+      e = s32 if m is None else jnp.where(m, s32, 0)
+      norm = jnp.sqrt(jnp.sum(e * e))
+      s = s32 / jnp.where(norm > 0, norm, 1)
+    sel.append(s)
+  total = sum(s.size for s in scores)
+  k = _sel.num_to_keep(total, 1.0 - jnp.asarray(sparsity, jnp.float32))
+  return _sel.global_topk_masks(sel, k=k, masks=list(masks))
 
 
 def prune_global(params: PyTree, scores: PyTree | None, sparsity, *, normalize: bool = False,
@@ -280,19 +297,8 @@ def prune_global(params: PyTree, scores: PyTree | None, sparsity, *, normalize: 
   idx = [i for i, a in enumerate(active) if a]
   if not idx:
     raise ValueError(f"{fn}: no prunable leaf; leaf paths are {paths}.")
-  sel_scores, sel_masks = [], []
-  for i in idx:
-    s = jnp.asarray(ss[i])
-    if normalize:
-      s32 = s.astype(jnp.promote_types(s.dtype, jnp.float32))
-      e = s32 if old[i] is None else jnp.where(old[i], s32, 0)
-      norm = jnp.sqrt(jnp.sum(e * e))
-      s = s32 / jnp.where(norm > 0, norm, 1)
-    sel_scores.append(s)
-    sel_masks.append(old[i])
-  total = sum(int(np.prod(np.shape(leaves[i]))) for i in idx)
-  k = _sel.num_to_keep(total, 1.0 - jnp.asarray(sparsity, jnp.float32))
-  got = _sel.global_topk_masks(sel_scores, k=k, masks=sel_masks)
+  got = _global_select([jnp.asarray(ss[i]) for i in idx], [old[i] for i in idx], sparsity,
+                       normalize=normalize)
   new_m = [None] * len(leaves)
   new_p = list(leaves)
   for j, i in enumerate(idx):
@@ -305,6 +311,24 @@ def _count_of(fraction, n_active):
   """floor(n_active * fraction) as int32, in the float precision of the run."""
   dt = jnp.float64 if jax.config.jax_enable_x64 else jnp.float32
   return jnp.floor(n_active.astype(dt) * jnp.asarray(fraction, dt)).astype(jnp.int32)
+
+
+@jax.jit
+def _drop_grow_leaf(leaf, m, f, d, g):
+  n_active = jnp.sum(m, dtype=jnp.int32)
+  n_drop = _count_of(f, n_active)
+  kept = _topk_among(d, n_active - n_drop, m)
+  grow = _topk_among(g, n_drop, ~kept)
+  return _zero_out(leaf, kept), kept | grow, grow
+
+
+@functools.partial(jax.jit, static_argnames=("is_count",))
+def _regrow_leaf(leaf, m, n, s, *, is_count):
+  n_active = jnp.sum(m, dtype=jnp.int32)
+  k = jnp.asarray(n, jnp.int32) if is_count else _count_of(n, n_active)
+  k = jnp.clip(k, 0, m.size - n_active)
+  grow = _topk_among(s, k, ~m)
+  return _zero_out(leaf, m), m | grow, grow
 
 
 def drop_and_grow(params: PyTree, masks: PyTree, drop_scores: PyTree | None,
@@ -353,13 +377,10 @@ def drop_and_grow(params: PyTree, masks: PyTree, drop_scores: PyTree | None,
       grown.append(None)
       continue
     _check_unit(f, "drop_fraction", fn, p, hi_open=False)
-    n_active = jnp.sum(m, dtype=jnp.int32)
-    n_drop = _count_of(f, n_active)
-    kept = _topk_among(jnp.asarray(d), n_active - n_drop, m)
-    grow = _topk_among(jnp.asarray(g), n_drop, ~kept)
-    new_m.append(kept | grow)
+    leaf_p, leaf_m, grow = _drop_grow_leaf(leaf, m, f, jnp.asarray(d), jnp.asarray(g))
+    new_m.append(leaf_m)
     grown.append(grow)
-    new_p.append(_zero_out(leaf, kept))
+    new_p.append(leaf_p)
   return (jax.tree.unflatten(treedef, new_p), jax.tree.unflatten(treedef, new_m),
           jax.tree.unflatten(treedef, grown))
 
@@ -404,19 +425,16 @@ def regrow(params: PyTree, masks: PyTree, scores: PyTree, n_or_fraction):
     dt = jnp.result_type(n)
     if jnp.issubdtype(dt, jnp.bool_):
       raise TypeError(f"{fn}: n_or_fraction at {p!r} is a bool; pass an int count or a float fraction.")
-    n_active = jnp.sum(m, dtype=jnp.int32)
-    if jnp.issubdtype(dt, jnp.integer) or isinstance(n, int):
+    is_count = bool(jnp.issubdtype(dt, jnp.integer) or isinstance(n, int))
+    if is_count:
       nc = _concrete(n)
       if nc is not None and nc < 0:
         raise ValueError(f"{fn}: count at {p!r} must be >= 0, got {int(nc)}.")
-      k = jnp.asarray(n, jnp.int32)
     else:
       _check_unit(n, "fraction", fn, p, hi_open=False)
-      k = _count_of(n, n_active)
-    k = jnp.clip(k, 0, int(np.prod(np.shape(leaf))) - n_active)
-    grow = _topk_among(jnp.asarray(s), k, ~m)
-    new_m.append(m | grow)
+    leaf_p, leaf_m, grow = _regrow_leaf(leaf, m, n, jnp.asarray(s), is_count=is_count)
+    new_m.append(leaf_m)
     grown.append(grow)
-    new_p.append(_zero_out(leaf, m))
+    new_p.append(leaf_p)
   return (jax.tree.unflatten(treedef, new_p), jax.tree.unflatten(treedef, new_m),
           jax.tree.unflatten(treedef, grown))
