@@ -99,9 +99,7 @@ class BlockSparseMatrix:
     >>> w.block_mask().astype(int).tolist()
     [[1, 0], [0, 1]]
     """
-    kb, nb = self.grid
-    rows, cols = self._scatter_indices()
-    return jnp.zeros((kb, nb), bool).at[rows, cols].set(True, mode="drop")
+    return _block_mask(self)
 
   def mask(self) -> jax.Array:
     """Bool ``(K, N)`` element mask (constant on blocks), the sparsejax block pattern.
@@ -120,16 +118,27 @@ class BlockSparseMatrix:
     >>> bool((w.to_dense() == jnp.arange(16.).reshape(4, 4)).all())
     True
     """
-    kb, nb = self.grid
-    br, bc = self.block_shape
-    rows, cols = self._scatter_indices()
-    dense = jnp.zeros((kb, nb, br, bc), self.dtype).at[rows, cols].set(self.blocks, mode="drop")
-    return dense.transpose(0, 2, 1, 3).reshape(self.shape)
+    return _to_dense(self)
 
-  def _scatter_indices(self):
-    """Block indices with padding slots sent out of bounds (dropped by scatters)."""
-    kb, _ = self.grid
-    return jnp.where(self.valid(), self.row_idx, kb), self.col_idx
+
+@jax.jit
+def _scatter_indices(w: BlockSparseMatrix):
+  """Block indices with padding slots sent out of bounds (dropped by scatters)."""
+  return jnp.where(w.valid(), w.row_idx, w.grid[0]), w.col_idx
+
+
+@jax.jit
+def _block_mask(w: BlockSparseMatrix) -> jax.Array:
+  rows, cols = _scatter_indices(w)
+  return jnp.zeros(w.grid, bool).at[rows, cols].set(True, mode="drop")
+
+
+@jax.jit
+def _to_dense(w: BlockSparseMatrix) -> jax.Array:
+  (kb, nb), (br, bc) = w.grid, w.block_shape
+  rows, cols = _scatter_indices(w)
+  dense = jnp.zeros((kb, nb, br, bc), w.dtype).at[rows, cols].set(w.blocks, mode="drop")
+  return dense.transpose(0, 2, 1, 3).reshape(w.shape)
 
 
 def bsr_to_dense(w: BlockSparseMatrix) -> jax.Array:
@@ -250,14 +259,16 @@ def bsr_from_dense(
   capacity = int(capacity)
   if not 1 <= capacity <= kb * nb:
     raise ValueError(f"{_name(path)}: capacity {capacity} must be in [1, {kb * nb}] (the number of blocks)")
-  block_any = jnp.asarray(mask).reshape(kb, br, nb, bc).any(axis=(1, 3))
-  return _build(jnp.where(mask, w, jnp.zeros((), w.dtype)), block_any, (br, bc), capacity)
+  return _build(w, jnp.asarray(mask), (br, bc), capacity)
 
 
-def _build(w, block_any, block_shape, capacity) -> BlockSparseMatrix:
-  """Index arrays and block values for a bool ``(kb, nb)`` block mask (traceable)."""
+@functools.partial(jax.jit, static_argnums=(2, 3))
+def _build(w, mask, block_shape, capacity) -> BlockSparseMatrix:
+  """Index arrays and the values of ``where(mask, w, 0)`` on the blocks ``mask`` touches."""
   (k, n), (br, bc) = w.shape, block_shape
-  kb, nb = block_any.shape
+  kb, nb = k // br, n // bc
+  block_any = mask.reshape(kb, br, nb, bc).any(axis=(1, 3))
+  w = jnp.where(mask, w, jnp.zeros((), w.dtype))
   total = kb * nb
   flat = block_any.reshape(-1)
   nnzb = jnp.sum(flat, dtype=jnp.int32)

