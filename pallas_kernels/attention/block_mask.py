@@ -313,6 +313,18 @@ def _merge(fc, fi, pc, pi):
   return idx.astype(jnp.int32), kinds.astype(jnp.int32), total.astype(jnp.int32)
 
 
+def _scatter_states_np(fc, fi, pc, pi):
+  """NumPy twin of ``_scatter_states`` (validation must not trace under jit)."""
+  n = fi.shape[-1]
+  pos = np.arange(n)
+  states = np.zeros(fi.shape[:-1] + (n,), np.int8)
+  lead = np.indices(fi.shape[:-1])
+  lead = tuple(x[..., None] for x in lead)
+  np.maximum.at(states, lead + (pi,), np.where(pos < pc[..., None], PARTIAL, EMPTY).astype(np.int8))
+  np.maximum.at(states, lead + (fi,), np.where(pos < fc[..., None], FULL, EMPTY).astype(np.int8))
+  return states
+
+
 def _validate(m: BlockMask, batch, num_heads, q_len, kv_len, check_values):
   fix = ("build masks with the pallas_kernels.attention constructors or "
          "BlockMask.from_states / BlockMask.from_kv_lists")
@@ -386,13 +398,14 @@ def _validate(m: BlockMask, batch, num_heads, q_len, kv_len, check_values):
     if np.any(fc + pc > n_other):
       raise ValueError(f"block_mask/partial_{kind}_counts: full + partial blocks exceed "
                        f"{n_other} in some list; {fix}")
-  states = np.asarray(m.block_states())
+  states = _scatter_states_np(*(arrs[f] for f in (
+      "full_kv_counts", "full_kv_indices", "partial_kv_counts", "partial_kv_indices")))
   n_listed = arrs["full_kv_counts"].sum() + arrs["partial_kv_counts"].sum()
   if (states != EMPTY).sum() != n_listed:
     raise ValueError("block_mask/partial_kv_indices: a kv-block is listed both as full and "
                      f"partial for the same q-block; {fix}")
-  t_states = np.asarray(_scatter_states(*(jnp.asarray(arrs[f]) for f in (
-      "full_q_counts", "full_q_indices", "partial_q_counts", "partial_q_indices"))))
+  t_states = _scatter_states_np(*(arrs[f] for f in (
+      "full_q_counts", "full_q_indices", "partial_q_counts", "partial_q_indices")))
   if not np.array_equal(np.swapaxes(t_states, -1, -2), states):
     raise ValueError("block_mask/full_q_indices: the transposed (q) lists do not match the kv "
                      "lists; rebuild with BlockMask.from_kv_lists to derive them")

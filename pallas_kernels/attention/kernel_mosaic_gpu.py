@@ -1,0 +1,613 @@
+"""Block-sparse flash attention for Hopper: Pallas Mosaic GPU, warp-specialised (FlashAttention-3 style).
+
+NOT YET RUN ON HARDWARE. The kernels lower for CUDA on jax 0.10.2 and 0.12
+(checked from a CPU machine through ``jax.export``) and, on jax >= 0.12, run in
+the Mosaic GPU interpreter on CPU; the tests marked ``gpu`` run them on a GPU.
+
+Structure (one CTA per (query head, 128-row q-block, batch), three warpgroups):
+  * two compute warpgroups, 64 query rows each, share the q-block's kv schedule;
+  * one memory warpgroup streams the visited K/V blocks with TMA into a ring of
+    ``max_concurrent_steps`` shared-memory slots. It reads the block indices
+    from global memory (Mosaic GPU has no scalar prefetch) and waits on
+    "consumed" barriers before reusing a slot;
+  * the compute warpgroups run ``wgmma`` for ``q k^T`` and ``p v``, an online
+    softmax in the exp2 domain, and the token mask only in the second loop (the
+    schedule lists full blocks first, then partial ones).
+Backward: a dQ kernel with the same structure (streams K/V), and a dK/dV kernel
+with one CTA per (kv head, 128-row kv-block, batch) whose memory warpgroup
+streams Q/dO/LSE/delta blocks over the transposed schedules of all query heads
+of the GQA group (so dK/dV need no extra reduction).
+
+Constraints: float16/bfloat16, ``q_block == kv_block == 128``, ``head_dim`` 64
+or 128 (shared memory of the two-slot pipelines).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from pallas_kernels.attention._common import Dims, allowed_in_block, pad_axis
+from pallas_kernels.attention.block_mask import BlockMask
+
+__all__ = ["flash_fwd", "flash_bwd", "check_shapes", "MosaicGPUConfig"]
+
+_LOG2E = math.log2(math.e)
+_LN2 = math.log(2.0)
+_WG_ROWS = 64
+_COMPUTE_WGS = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class MosaicGPUConfig:
+  """Tuning knobs: ring depth of the K/V (or Q/dO) pipeline."""
+
+  max_concurrent_steps: int = 2
+
+
+def _plgpu():
+  import jax.experimental.pallas.mosaic_gpu as plgpu  # pylint: disable=g-import-not-at-top
+  return plgpu
+
+
+def _new_api() -> bool:
+  return tuple(int(x) for x in jax.__version__.split(".")[:2]) >= (0, 11)
+
+
+def _transpose(ref):
+  plgpu = _plgpu()
+  if _new_api():
+    return ref.transpose((1, 0))
+  return plgpu.transpose_ref(ref, (1, 0))
+
+
+def _load(ref, layout):
+  plgpu = _plgpu()
+  if _new_api():
+    return plgpu.load(ref, layout=layout)
+  return plgpu.load(ref, (), layout=layout)
+
+
+def check_shapes(dims: Dims, block_mask: BlockMask):
+  """Raises ValueError for shapes the Mosaic GPU kernels do not support."""
+  del block_mask
+  if dims.q_block != _WG_ROWS * _COMPUTE_WGS or dims.kv_block != _WG_ROWS * _COMPUTE_WGS:
+    raise ValueError(f"block_mask/q_block, kv_block: the mosaic_gpu backend needs 128 x 128 "
+                     f"blocks, got {dims.q_block} x {dims.kv_block}; rebuild the mask with "
+                     "q_block=kv_block=128 or use backend='triton'")
+  if dims.head_dim not in (64, 128):
+    raise ValueError(f"q: the mosaic_gpu backend needs head_dim 64 or 128 (shared memory), got "
+                     f"{dims.head_dim}; use backend='triton'")
+
+
+def _check_dtype(q):
+  if q.dtype not in (jnp.float16, jnp.bfloat16):
+    raise TypeError(f"q: the mosaic_gpu backend needs float16 or bfloat16 inputs, got {q.dtype}; "
+                    "cast the inputs or use backend='triton'")
+
+
+def _stack_data(block_mask: BlockMask, dims: Dims):
+  """Mask data stacked as ``q [B', n, q_pad]`` and ``kv [B', n, kv_pad]`` int32 (or None)."""
+  mm = block_mask.mask_mod
+  if mm is None:
+    return None, None
+  stack = lambda xs, n: (jnp.stack([pad_axis(x.astype(jnp.int32), n, 1) for x in xs], axis=1)
+                         if xs else None)
+  return stack(mm.q_data, dims.q_pad), stack(mm.kv_data, dims.kv_pad)
+
+
+def _interpret_context(interpret: bool):
+  plgpu = _plgpu()
+  if not interpret:
+    import contextlib  # pylint: disable=g-import-not-at-top
+    return contextlib.nullcontext()
+  if not hasattr(plgpu, "force_gpu_interpret_mode"):
+    raise NotImplementedError(
+        f"interpret=True for backend='mosaic_gpu' needs the Mosaic GPU interpreter of jax >= "
+        f"0.12 (this is jax {jax.__version__}); use backend='interpret' instead")
+  return plgpu.force_gpu_interpret_mode(plgpu.InterpretGPUParams())
+
+
+def _mask_fn(block_mask):
+  return None if block_mask.mask_mod is None else block_mask.mask_mod.fn
+
+
+def _mma_into(acc, a, b, interpret: bool, a_smem=None):
+  """``acc + a @ b`` with wgmma, ``a`` a register array (``p``, ``ds``).
+
+  On hardware ``a`` stays in registers and the accumulator is updated in place
+  (``run_state`` over ``ACC.init(acc)``), as in FlashAttention-3. The Mosaic GPU
+  interpreter (jax 0.12) supports neither register operands nor ``run_state``, so
+  there ``a`` goes through the shared-memory buffer ``a_smem`` and the product
+  through a fresh accumulator that is added.
+  """
+  plgpu = _plgpu()
+  if interpret:
+    a_smem[...] = a
+    plgpu.commit_smem()
+    a = a_smem
+
+    def fresh(acc_ref):
+      plgpu.wgmma(acc_ref, a, b)
+      return acc_ref[...]
+    return acc + pl.run_scoped(fresh, plgpu.ACC(acc.shape, jnp.float32))
+
+  def in_place(acc_ref):
+    plgpu.wgmma(acc_ref, a, b)
+  return pl.run_state(in_place)(plgpu.ACC.init(acc))
+
+
+def _broadcast_row(x, shape, plgpu):
+  """[rows] (WGMMA.reduce(1)) -> [rows, cols] (WGMMA)."""
+  del plgpu
+  return lax.broadcast_in_dim(x, shape, [0])
+
+
+def _broadcast_col(x, shape, plgpu):
+  """[cols] (WGMMA.reduce(0)) -> [rows, cols] (WGMMA)."""
+  del plgpu
+  return lax.broadcast_in_dim(x, shape, [1])
+
+
+# ---------------------------------------------------------------------------
+# Forward / dQ: one CTA per (q head, q-block, batch), K/V streamed.
+# ---------------------------------------------------------------------------
+def _kv_stream_kernel(dims: Dims, *, scale: float, fn, n_qd: int, n_kd: int, mc: int,
+                      mode: str, dtype, interpret: bool):
+  """Builds the forward (``mode='fwd'``) or dQ (``mode='dq'``) kernel body."""
+  plgpu = _plgpu()
+  bq, bk, d, g = _WG_ROWS, dims.kv_block, dims.head_dim, dims.group
+  hpm = dims.heads_per_mask_head
+  c = scale * _LOG2E
+  ragged = dims.ragged_kv
+  wgmma_layout = plgpu.Layout.WGMMA
+  row_layout, col_layout = wgmma_layout.reduce(1), wgmma_layout.reduce(0)
+  fwd = mode == "fwd"
+
+  def kernel(*refs):
+    it = iter(refs)
+    q_ref, k_ref, v_ref = next(it), next(it), next(it)
+    if not fwd:
+      do_ref, lse_ref, delta_ref = next(it), next(it), next(it)
+    sched_ref, nfull_ref, ntotal_ref = next(it), next(it), next(it)
+    qd_ref = next(it) if n_qd else None
+    kd_ref = next(it) if n_kd else None
+    if fwd:
+      out_ref, lse_out_ref = next(it), next(it)
+    else:
+      dq_ref = next(it)
+    scoped = next(it)
+    (q_smem2, do_smem2, row_smem2, k_smem, v_smem, qd_smem2, kd_smem, a_smem2, bars,
+     consumed) = scoped
+    q_bars, k_bar, v_bar, kd_bar = bars
+    k_consumed, v_consumed = consumed
+
+    b = lax.axis_index("batch")
+    h = lax.axis_index("heads")
+    qi = lax.axis_index("q_seq")
+    wg = lax.axis_index("wg")
+    mb = b if dims.mask_batch > 1 else 0
+    mh = lax.div(h, jnp.array(hpm, h.dtype))
+    hk = lax.div(h, jnp.array(g, h.dtype))
+    n_full = nfull_ref[mb, mh, qi]
+    n_total = ntotal_ref[mb, mh, qi]
+
+    @pl.when(wg < _COMPUTE_WGS)
+    def _compute():
+      plgpu.set_max_registers(232, action="increase")
+      q_smem = q_smem2.at[wg]
+      a_smem = None if a_smem2 is None else a_smem2.at[wg]
+      q_base = qi * (2 * bq) + wg * bq
+      rows = pl.ds(q_base, bq)
+      copies = [(q_ref.at[b, rows, h], q_smem)]
+      if not fwd:
+        copies += [(do_ref.at[b, rows, h], do_smem2.at[wg]),
+                   (lse_ref.at[b, h, rows], row_smem2.at[wg, 0]),
+                   (delta_ref.at[b, h, rows], row_smem2.at[wg, 1])]
+      if n_qd:
+        copies.append((qd_ref.at[mb, :, rows], qd_smem2.at[wg]))
+      for (src, dst), bar in zip(copies, q_bars):  # one barrier per copy
+        plgpu.copy_gmem_to_smem(src, dst, bar.at[wg])
+      for bar in q_bars:
+        plgpu.barrier_wait(bar.at[wg])
+      shape = (bq, bk)
+      q_ids = q_base + plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=wgmma_layout)
+      qd = tuple(_broadcast_row(_load(qd_smem2.at[wg, r], row_layout), shape, plgpu)
+                 for r in range(n_qd))
+      if not fwd:
+        lse2 = _load(row_smem2.at[wg, 0], row_layout)
+        lse2 = jnp.where(lse2 == -jnp.inf, 0.0, lse2)
+        delta = _load(row_smem2.at[wg, 1], row_layout)
+
+      @pl.when(n_total > 0)
+      def _():
+        plgpu.barrier_wait(k_bar.at[0])
+
+      def step(t, carry, partial):
+        slot = lax.rem(t, jnp.array(mc, t.dtype))
+        j = sched_ref[mb, mh, qi, t]
+
+        def compute_qk(acc_ref):
+          plgpu.wgmma(acc_ref, q_smem, _transpose(k_smem.at[slot]))
+          return acc_ref[...]
+
+        qk = pl.run_scoped(compute_qk, plgpu.ACC((bq, bk), jnp.float32))
+        kv_ids = j * bk + plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=wgmma_layout)
+        if n_kd:
+          plgpu.barrier_wait(kd_bar.at[slot])
+        kd = tuple(_broadcast_col(_load(kd_smem.at[slot, r], col_layout), shape, plgpu)
+                   for r in range(n_kd))
+        plgpu.barrier_arrive(k_consumed.at[slot])
+        ok = allowed_in_block(fn, partial, q_ids, kv_ids, qd, kd, dims.kv_len, ragged)
+        s2 = qk * c
+        if fwd:
+          acc, m_i, l_i = carry
+          if ok is not None:
+            s2 = jnp.where(ok, s2, -jnp.inf)
+          m_ij = jnp.maximum(m_i, s2.max(axis=1))
+          m_safe = jnp.where(m_ij == -jnp.inf, 0.0, m_ij)
+          p = jnp.exp2(s2 - lax.broadcast_in_dim(m_safe, shape, [0]))
+          alpha = jnp.exp2(m_i - m_safe)
+          acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+          l_i = l_i * alpha + p.sum(axis=1)
+          p16 = p.astype(dtype)
+          plgpu.barrier_wait(v_bar.at[slot])
+
+          acc = _mma_into(acc, p16, v_smem.at[slot], interpret, a_smem)
+          out_carry = (acc, m_ij, l_i)
+        else:
+          (dq_acc,) = carry
+          p = jnp.exp2(s2 - lax.broadcast_in_dim(lse2, shape, [0]))
+          if ok is not None:
+            p = jnp.where(ok, p, 0.0)
+          plgpu.barrier_wait(v_bar.at[slot])
+
+          def compute_dp(acc_ref):
+            plgpu.wgmma(acc_ref, do_smem2.at[wg], _transpose(v_smem.at[slot]))
+            return acc_ref[...]
+
+          dp = pl.run_scoped(compute_dp, plgpu.ACC((bq, bk), jnp.float32))
+          ds = p * (dp - lax.broadcast_in_dim(delta, shape, [0]))
+
+          dq_acc = _mma_into(dq_acc, ds.astype(dtype), k_smem.at[slot], interpret, a_smem)
+          out_carry = (dq_acc,)
+
+        nxt = t + 1
+
+        @pl.when(nxt < n_total)
+        def _wait_next():
+          plgpu.barrier_wait(k_bar.at[lax.rem(nxt, jnp.array(mc, nxt.dtype))])
+
+        plgpu.barrier_arrive(v_consumed.at[slot])
+        return out_carry
+
+      zeros_acc = plgpu.layout_cast(jnp.full((bq, d), 0, jnp.float32), wgmma_layout)
+      if fwd:
+        carry = (zeros_acc,
+                 plgpu.layout_cast(jnp.full((bq,), -jnp.inf, jnp.float32), row_layout),
+                 plgpu.layout_cast(jnp.full((bq,), 0, jnp.float32), row_layout))
+      else:
+        carry = (zeros_acc,)
+      carry = lax.fori_loop(0, n_full, functools.partial(step, partial=False), carry)
+      carry = lax.fori_loop(n_full, n_total, functools.partial(step, partial=True), carry)
+
+      if fwd:
+        acc, m_i, l_i = carry
+        pos = l_i > 0
+        l_safe = jnp.where(pos, l_i, 1.0)
+        acc = acc / lax.broadcast_in_dim(l_safe, (bq, d), [0])
+        q_smem[...] = acc.astype(dtype)
+        row_smem2.at[wg, 0][...] = jnp.where(pos, m_i * _LN2 + jnp.log(l_safe), -jnp.inf)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(q_smem, out_ref.at[b, rows, h])
+        plgpu.copy_smem_to_gmem(row_smem2.at[wg, 0], lse_out_ref.at[b, h, rows])
+      else:
+        (dq_acc,) = carry
+        q_smem[...] = (dq_acc * scale).astype(dtype)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(q_smem, dq_ref.at[b, rows, h])
+      plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == _COMPUTE_WGS)
+    def _memory():
+      plgpu.set_max_registers(40, action="decrease")
+
+      def issue(t, slot):
+        j = sched_ref[mb, mh, qi, t]
+        cols = pl.ds(j * bk, bk)
+        plgpu.copy_gmem_to_smem(k_ref.at[b, cols, hk], k_smem.at[slot], k_bar.at[slot])
+        if n_kd:
+          plgpu.copy_gmem_to_smem(kd_ref.at[mb, :, cols], kd_smem.at[slot], kd_bar.at[slot])
+        plgpu.copy_gmem_to_smem(v_ref.at[b, cols, hk], v_smem.at[slot], v_bar.at[slot])
+
+      for i in range(mc):
+        pl.when(i < n_total)(functools.partial(issue, i, i))
+
+      @pl.loop(0, jnp.maximum(n_total - mc, 0))
+      def _stream(t):
+        nxt = t + mc
+        slot = lax.rem(t, jnp.array(mc, t.dtype))
+        plgpu.barrier_wait(k_consumed.at[slot])
+        j = sched_ref[mb, mh, qi, nxt]
+        cols = pl.ds(j * bk, bk)
+        plgpu.copy_gmem_to_smem(k_ref.at[b, cols, hk], k_smem.at[slot], k_bar.at[slot])
+        if n_kd:
+          plgpu.copy_gmem_to_smem(kd_ref.at[mb, :, cols], kd_smem.at[slot], kd_bar.at[slot])
+        plgpu.barrier_wait(v_consumed.at[slot])
+        plgpu.copy_gmem_to_smem(v_ref.at[b, cols, hk], v_smem.at[slot], v_bar.at[slot])
+
+  return kernel
+
+
+def _smem_scratch(dims: Dims, n_qd: int, n_kd: int, mc: int, mode: str, dtype,
+                  interpret: bool):
+  plgpu = _plgpu()
+  bq, bk, d = _WG_ROWS, dims.kv_block, dims.head_dim
+  tiling = plgpu.TilingTransform((8, 64))
+  swizzle = plgpu.SwizzleTransform(128)
+  tiles = (tiling, swizzle)
+  q_smem = plgpu.SMEM((_COMPUTE_WGS, bq, d), dtype, transforms=tiles)
+  do_smem = plgpu.SMEM((_COMPUTE_WGS, bq, d), dtype, transforms=tiles) if mode == "dq" else None
+  row_smem = plgpu.SMEM((_COMPUTE_WGS, 2, bq), jnp.float32)
+  k_smem = plgpu.SMEM((mc, bk, d), dtype, transforms=tiles)
+  v_smem = plgpu.SMEM((mc, bk, d), dtype, transforms=tiles)
+  qd_smem = plgpu.SMEM((_COMPUTE_WGS, n_qd, bq), jnp.int32) if n_qd else None
+  kd_smem = plgpu.SMEM((mc, n_kd, bk), jnp.int32) if n_kd else None
+  a_smem = plgpu.SMEM((_COMPUTE_WGS, bq, bk), dtype, transforms=tiles) if interpret else None
+  n_q_copies = (1 if mode == "fwd" else 4) + (1 if n_qd else 0)
+  q_bars = tuple(plgpu.Barrier(num_barriers=_COMPUTE_WGS) for _ in range(n_q_copies))
+  bars = (q_bars, plgpu.Barrier(num_barriers=mc), plgpu.Barrier(num_barriers=mc),
+          plgpu.Barrier(num_barriers=mc) if n_kd else None)
+  consumed = (plgpu.Barrier(num_arrivals=_COMPUTE_WGS, num_barriers=mc),) * 2
+  return (q_smem, do_smem, row_smem, k_smem, v_smem, qd_smem, kd_smem, a_smem, bars, consumed)
+
+
+def _run_kv_stream(mode, q, k, v, extra, block_mask: BlockMask, dims: Dims, *, scale: float,
+                   interpret: bool, config: MosaicGPUConfig):
+  plgpu = _plgpu()
+  _check_dtype(q)
+  qp = pad_axis(q, dims.q_pad, 1)
+  kp, vp = pad_axis(k, dims.kv_pad, 1), pad_axis(v, dims.kv_pad, 1)
+  idx, _, counts = block_mask.kv_schedule()
+  qd, kd = _stack_data(block_mask, dims)
+  n_qd = 0 if qd is None else qd.shape[1]
+  n_kd = 0 if kd is None else kd.shape[1]
+  mc = max(1, min(config.max_concurrent_steps, dims.nk))
+  kernel = _kv_stream_kernel(dims, scale=scale, fn=_mask_fn(block_mask), n_qd=n_qd, n_kd=n_kd,
+                             mc=mc, mode=mode, dtype=q.dtype, interpret=interpret)
+  scratch = _smem_scratch(dims, n_qd, n_kd, mc, mode, q.dtype, interpret)
+  if mode == "fwd":
+    out_type = [jax.ShapeDtypeStruct(qp.shape, q.dtype),
+                jax.ShapeDtypeStruct((dims.batch, dims.num_heads, dims.q_pad), jnp.float32)]
+  else:
+    out_type = jax.ShapeDtypeStruct(qp.shape, q.dtype)
+  args = [qp, kp, vp, *extra, idx, block_mask.full_kv_counts, counts]
+  args += [x for x in (qd, kd) if x is not None]
+  with _interpret_context(interpret):
+    return plgpu.kernel(
+        kernel, out_type=out_type, scratch_types=[scratch],
+        grid=(dims.num_heads, dims.nq, dims.batch), grid_names=("heads", "q_seq", "batch"),
+        num_threads=_COMPUTE_WGS + 1, thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+    )(*args)
+
+
+def flash_fwd(q, k, v, block_mask: BlockMask, dims: Dims, *, scale: float, interpret: bool,
+              config: MosaicGPUConfig = MosaicGPUConfig()):
+  """Mosaic GPU forward; returns ``(out [B, Sq, H, D], lse [B, H, Sq] float32)``."""
+  out, lse = _run_kv_stream("fwd", q, k, v, (), block_mask, dims, scale=scale,
+                            interpret=interpret, config=config)
+  return out[:, :dims.q_len], lse[:, :, :dims.q_len]
+
+
+# ---------------------------------------------------------------------------
+# dK/dV: one CTA per (kv head, kv-block, batch), Q/dO/LSE/delta streamed.
+# ---------------------------------------------------------------------------
+def _group_schedule(block_mask: BlockMask, dims: Dims):
+  """Per (mask batch, kv head, kv-block): the q-blocks of every query head of the group.
+
+  Returns ``(entries [B', Hk, nk, G * nq], n_full [B', Hk, nk], n_total)``; an entry
+  is ``q_block * G + g`` (``g`` the head within the group), full entries first.
+  """
+  from pallas_kernels.attention.block_mask import index_lists  # pylint: disable=g-import-not-at-top
+  g, nq, hpm = dims.group, dims.nq, dims.heads_per_mask_head
+  mh = (jnp.arange(dims.num_kv_heads)[:, None] * g + jnp.arange(g)[None, :]) // hpm  # [Hk, G]
+
+  def flat(counts, indices):
+    c = counts[:, mh]                                # [B', Hk, G, nk]
+    idx = indices[:, mh]                             # [B', Hk, G, nk, nq]
+    c = jnp.moveaxis(c, 2, 3)                        # [B', Hk, nk, G]
+    idx = jnp.moveaxis(idx, 2, 3)                    # [B', Hk, nk, G, nq]
+    valid = jnp.arange(nq)[None, None, None, None, :] < c[..., None]
+    n, pos = index_lists(valid.reshape(valid.shape[:3] + (g * nq,)))
+    entries = idx.reshape(idx.shape[:3] + (g * nq,))
+    qb = jnp.take_along_axis(entries, pos, axis=-1)
+    return n, qb * g + pos // nq
+
+  nf, ef = flat(block_mask.full_q_counts, block_mask.full_q_indices)
+  np_, ep = flat(block_mask.partial_q_counts, block_mask.partial_q_indices)
+  total = g * nq
+  s = jnp.arange(total)
+  from_p = jnp.take_along_axis(ep, jnp.clip(s - nf[..., None], 0, total - 1), axis=-1)
+  entries = jnp.where(s < nf[..., None], ef, from_p)
+  return entries.astype(jnp.int32), nf.astype(jnp.int32), (nf + np_).astype(jnp.int32)
+
+
+def _dkv_kernel(dims: Dims, *, scale: float, fn, n_qd: int, n_kd: int, mc: int, dtype,
+                interpret: bool):
+  plgpu = _plgpu()
+  bkw, bq, d, g = _WG_ROWS, dims.q_block, dims.head_dim, dims.group
+  c = scale * _LOG2E
+  wgmma_layout = plgpu.Layout.WGMMA
+  row_layout, col_layout = wgmma_layout.reduce(1), wgmma_layout.reduce(0)
+  shape = (bkw, bq)
+
+  def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, ent_ref, nfull_ref, ntotal_ref,
+             *rest):
+    it = iter(rest)
+    qd_ref = next(it) if n_qd else None
+    kd_ref = next(it) if n_kd else None
+    dk_ref, dv_ref, scoped = next(it), next(it), next(it)
+    (k_smem2, v_smem2, kd_smem2, q_smem, do_smem, row_smem, qd_smem, a_smem2, kv_bars,
+     slot_bars, consumed) = scoped
+    b = lax.axis_index("batch")
+    hk = lax.axis_index("heads")
+    j = lax.axis_index("kv_seq")
+    wg = lax.axis_index("wg")
+    mb = b if dims.mask_batch > 1 else 0
+    n_full = nfull_ref[mb, hk, j]
+    n_total = ntotal_ref[mb, hk, j]
+
+    def decode(t):
+      e = ent_ref[mb, hk, j, t]
+      return lax.div(e, jnp.array(g, e.dtype)), lax.rem(e, jnp.array(g, e.dtype))
+
+    @pl.when(wg < _COMPUTE_WGS)
+    def _compute():
+      plgpu.set_max_registers(232, action="increase")
+      k_smem, v_smem = k_smem2.at[wg], v_smem2.at[wg]
+      a_smem = None if a_smem2 is None else a_smem2.at[wg]
+      kv_base = j * (2 * bkw) + wg * bkw
+      rows = pl.ds(kv_base, bkw)
+      copies = [(k_ref.at[b, rows, hk], k_smem), (v_ref.at[b, rows, hk], v_smem)]
+      if n_kd:
+        copies.append((kd_ref.at[mb, :, rows], kd_smem2.at[wg]))
+      for (src, dst), bar in zip(copies, kv_bars):
+        plgpu.copy_gmem_to_smem(src, dst, bar.at[wg])
+      for bar in kv_bars:
+        plgpu.barrier_wait(bar.at[wg])
+      kv_ids = kv_base + plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=wgmma_layout)
+      kd = tuple(_broadcast_row(_load(kd_smem2.at[wg, r], row_layout), shape, plgpu)
+                 for r in range(n_kd))
+
+      def step(t, carry, partial):
+        dk, dv = carry
+        slot = lax.rem(t, jnp.array(mc, t.dtype))
+        qi, _ = decode(t)
+        for bar in slot_bars:
+          plgpu.barrier_wait(bar.at[slot])
+
+        def compute_st(acc_ref):
+          plgpu.wgmma(acc_ref, k_smem, _transpose(q_smem.at[slot]))
+          return acc_ref[...]
+
+        st = pl.run_scoped(compute_st, plgpu.ACC(shape, jnp.float32))
+        lse2 = _load(row_smem.at[slot, 0], col_layout)
+        lse2 = jnp.where(lse2 == -jnp.inf, 0.0, lse2)
+        delta = _load(row_smem.at[slot, 1], col_layout)
+        pt = jnp.exp2(st * c - lax.broadcast_in_dim(lse2, shape, [1]))
+        q_ids = qi * bq + plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=wgmma_layout)
+        qd = tuple(_broadcast_col(_load(qd_smem.at[slot, r], col_layout), shape, plgpu)
+                   for r in range(n_qd))
+        ok = allowed_in_block(fn, partial, q_ids, kv_ids, qd, kd, dims.kv_len, dims.ragged_kv)
+        if ok is not None:
+          pt = jnp.where(ok, pt, 0.0)
+        dv = _mma_into(dv, pt.astype(dtype), do_smem.at[slot], interpret, a_smem)
+
+        def compute_dpt(acc_ref):
+          plgpu.wgmma(acc_ref, v_smem, _transpose(do_smem.at[slot]))
+          return acc_ref[...]
+
+        dpt = pl.run_scoped(compute_dpt, plgpu.ACC(shape, jnp.float32))
+        dst = pt * (dpt - lax.broadcast_in_dim(delta, shape, [1]))
+        dk = _mma_into(dk, dst.astype(dtype), q_smem.at[slot], interpret, a_smem)
+        plgpu.barrier_arrive(consumed.at[slot])
+        return dk, dv
+
+      zeros = plgpu.layout_cast(jnp.full((bkw, d), 0, jnp.float32), wgmma_layout)
+      carry = lax.fori_loop(0, n_full, functools.partial(step, partial=False), (zeros, zeros))
+      dk, dv = lax.fori_loop(n_full, n_total, functools.partial(step, partial=True), carry)
+      k_smem[...] = (dk * scale).astype(dtype)
+      v_smem[...] = dv.astype(dtype)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(k_smem, dk_ref.at[b, rows, hk], commit_group=False)
+      plgpu.copy_smem_to_gmem(v_smem, dv_ref.at[b, rows, hk], commit_group=False)
+      plgpu.commit_smem_to_gmem_group()
+      plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == _COMPUTE_WGS)
+    def _memory():
+      plgpu.set_max_registers(40, action="decrease")
+
+      def issue(t, slot):
+        qi, gi = decode(t)
+        h = hk * g + gi
+        rows = pl.ds(qi * bq, bq)
+        copies = [(q_ref.at[b, rows, h], q_smem.at[slot]),
+                  (lse_ref.at[b, h, rows], row_smem.at[slot, 0]),
+                  (delta_ref.at[b, h, rows], row_smem.at[slot, 1]),
+                  (do_ref.at[b, rows, h], do_smem.at[slot])]
+        if n_qd:
+          copies.append((qd_ref.at[mb, :, rows], qd_smem.at[slot]))
+        for (src, dst), bar in zip(copies, slot_bars):
+          plgpu.copy_gmem_to_smem(src, dst, bar.at[slot])
+
+      for i in range(mc):
+        pl.when(i < n_total)(functools.partial(issue, i, i))
+
+      @pl.loop(0, jnp.maximum(n_total - mc, 0))
+      def _stream(t):
+        slot = lax.rem(t, jnp.array(mc, t.dtype))
+        plgpu.barrier_wait(consumed.at[slot])
+        issue(t + mc, slot)
+
+  return kernel
+
+
+def _dkv_scratch(dims: Dims, n_qd: int, n_kd: int, mc: int, dtype, interpret: bool):
+  plgpu = _plgpu()
+  bkw, bq, d = _WG_ROWS, dims.q_block, dims.head_dim
+  tiles = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+  k_smem = plgpu.SMEM((_COMPUTE_WGS, bkw, d), dtype, transforms=tiles)
+  v_smem = plgpu.SMEM((_COMPUTE_WGS, bkw, d), dtype, transforms=tiles)
+  kd_smem = plgpu.SMEM((_COMPUTE_WGS, n_kd, bkw), jnp.int32) if n_kd else None
+  q_smem = plgpu.SMEM((mc, bq, d), dtype, transforms=tiles)
+  do_smem = plgpu.SMEM((mc, bq, d), dtype, transforms=tiles)
+  row_smem = plgpu.SMEM((mc, 2, bq), jnp.float32)
+  qd_smem = plgpu.SMEM((mc, n_qd, bq), jnp.int32) if n_qd else None
+  a_smem = plgpu.SMEM((_COMPUTE_WGS, bkw, bq), dtype, transforms=tiles) if interpret else None
+  kv_bars = tuple(plgpu.Barrier(num_barriers=_COMPUTE_WGS) for _ in range(3 if n_kd else 2))
+  slot_bars = tuple(plgpu.Barrier(num_barriers=mc) for _ in range(5 if n_qd else 4))
+  consumed = plgpu.Barrier(num_arrivals=_COMPUTE_WGS, num_barriers=mc)
+  return (k_smem, v_smem, kd_smem, q_smem, do_smem, row_smem, qd_smem, a_smem, kv_bars,
+          slot_bars, consumed)
+
+
+def flash_bwd(q, k, v, d_out, lse, delta, block_mask: BlockMask, dims: Dims, *, scale: float,
+              interpret: bool, config: MosaicGPUConfig = MosaicGPUConfig()):
+  """Mosaic GPU dQ and dK/dV kernels; returns ``(dq, dk, dv)``."""
+  plgpu = _plgpu()
+  _check_dtype(q)
+  lse2 = pad_axis(lse.astype(jnp.float32) * _LOG2E, dims.q_pad, 2)
+  delta_p = pad_axis(delta.astype(jnp.float32), dims.q_pad, 2)
+  dop = pad_axis(d_out.astype(q.dtype), dims.q_pad, 1)
+  dq = _run_kv_stream("dq", q, k, v, (dop, lse2, delta_p), block_mask, dims, scale=scale,
+                      interpret=interpret, config=config)
+
+  qp = pad_axis(q, dims.q_pad, 1)
+  kp, vp = pad_axis(k, dims.kv_pad, 1), pad_axis(v, dims.kv_pad, 1)
+  entries, n_full, n_total = _group_schedule(block_mask, dims)
+  qd, kd = _stack_data(block_mask, dims)
+  n_qd = 0 if qd is None else qd.shape[1]
+  n_kd = 0 if kd is None else kd.shape[1]
+  mc = max(1, min(config.max_concurrent_steps, dims.nq * dims.group))
+  kernel = _dkv_kernel(dims, scale=scale, fn=_mask_fn(block_mask), n_qd=n_qd, n_kd=n_kd, mc=mc,
+                       dtype=q.dtype, interpret=interpret)
+  scratch = _dkv_scratch(dims, n_qd, n_kd, mc, q.dtype, interpret)
+  args = [qp, kp, vp, dop, lse2, delta_p, entries, n_full, n_total]
+  args += [x for x in (qd, kd) if x is not None]
+  with _interpret_context(interpret):
+    dk, dv = plgpu.kernel(
+        kernel, out_type=[jax.ShapeDtypeStruct(kp.shape, k.dtype),
+                          jax.ShapeDtypeStruct(vp.shape, v.dtype)],
+        scratch_types=[scratch], grid=(dims.num_kv_heads, dims.nk, dims.batch),
+        grid_names=("heads", "kv_seq", "batch"), num_threads=_COMPUTE_WGS + 1, thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+    )(*args)
+  return dq[:, :dims.q_len], dk[:, :dims.kv_len], dv[:, :dims.kv_len]
