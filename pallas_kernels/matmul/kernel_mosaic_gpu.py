@@ -34,7 +34,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.matmul import _common
-from pallas_kernels.matmul.format import BlockSparseMatrix
+from pallas_kernels.matmul.format import BlockSparseMatrix, _name
 
 _SMEM_BYTES = 227 * 1024 - 2048  # H100/H200 opt-in shared memory per block, minus barriers/slack
 _H100_SMS = 132
@@ -42,7 +42,7 @@ _H100_SMS = 132
 
 def check(w: BlockSparseMatrix, dtype, path: str | None = None) -> None:
   """Raises if the Mosaic GPU kernels cannot run ``w`` in ``dtype``."""
-  name = path or "the weight"
+  name = _name(path)
   if jnp.dtype(dtype) not in (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16)):
     raise TypeError(
         f"{name}: the Mosaic GPU kernels need float16 or bfloat16 inputs, got {jnp.dtype(dtype)}; "

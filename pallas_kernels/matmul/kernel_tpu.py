@@ -24,7 +24,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.matmul import _common
-from pallas_kernels.matmul.format import BlockSparseMatrix
+from pallas_kernels.matmul.format import BlockSparseMatrix, _name
 
 _NT = (((1,), (1,)), ((), ()))  # a @ b^T
 _TN = (((0,), (0,)), ((), ()))  # a^T @ b
@@ -32,7 +32,7 @@ _TN = (((0,), (0,)), ((), ()))  # a^T @ b
 
 def check(w: BlockSparseMatrix, dtype, path: str | None = None) -> None:
   """Raises if the TPU kernels cannot run ``w`` in ``dtype`` (tiling, float16)."""
-  name = path or "the weight"
+  name = _name(path)
   if jnp.dtype(dtype) == jnp.float16:
     raise TypeError(f"{name}: the TPU kernels do not support float16; use bfloat16 or float32")
   for b, d in zip(w.block_shape, w.shape):

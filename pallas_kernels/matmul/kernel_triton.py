@@ -19,7 +19,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels.matmul import _common
-from pallas_kernels.matmul.format import BlockSparseMatrix
+from pallas_kernels.matmul.format import BlockSparseMatrix, _name
 
 _ANY = pl.BlockSpec(memory_space=pl.ANY)
 _NT = (((1,), (1,)), ((), ()))  # a @ b^T
@@ -32,7 +32,7 @@ def check(w: BlockSparseMatrix, dtype, path: str | None = None) -> None:
   for b in w.block_shape:
     if b < 16 or b > 256 or b & (b - 1):
       raise ValueError(
-          f"{path or 'the weight'}: the Triton kernels need block sizes that are powers of two in "
+          f"{_name(path)}: the Triton kernels need block sizes that are powers of two in "
           f"[16, 256], got {w.block_shape}; rebuild with such blocks or use backend='reference'"
       )
 

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels._platform import resolve_backend
-from pallas_kernels.matmul.format import SUPPORTED_DTYPES, BlockSparseMatrix
+from pallas_kernels.matmul.format import SUPPORTED_DTYPES, BlockSparseMatrix, _name
 
 # backend -> (module, interpret flag forced)
 _MODULES = {
@@ -116,12 +116,12 @@ def bsr_matmul(
   [2.0, 2.0, 2.0, 2.0]
   """
   if not isinstance(w, BlockSparseMatrix):
-    raise TypeError(f"{path or 'w'}: expected a BlockSparseMatrix (see bsr_from_dense), got {type(w).__name__}")
+    raise TypeError(f"{_name(path)}: expected a BlockSparseMatrix (see bsr_from_dense), got {type(w).__name__}")
   x = jnp.asarray(x)
   if x.ndim < 1 or x.shape[-1] != w.shape[0]:
-    raise ValueError(f"{path or 'w'}: x has shape {x.shape} but the weight is {w.shape}; x must be [..., {w.shape[0]}]")
+    raise ValueError(f"{_name(path)}: x has shape {x.shape} but the weight is {w.shape}; x must be [..., {w.shape[0]}]")
   if jnp.dtype(x.dtype) not in SUPPORTED_DTYPES:
-    raise TypeError(f"{path or 'w'}: x dtype {x.dtype} is not supported; use float32, bfloat16 or float16")
+    raise TypeError(f"{_name(path)}: x dtype {x.dtype} is not supported; use float32, bfloat16 or float16")
   dtype = jnp.promote_types(x.dtype, w.dtype)
   impl = _resolve(backend, interpret, dtype, w, path)
   x2 = x.reshape(-1, w.shape[0]).astype(dtype)
