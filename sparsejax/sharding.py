@@ -22,6 +22,7 @@ True
 
 from __future__ import annotations
 
+import re
 from typing import Any, Sequence
 
 import jax
@@ -35,6 +36,7 @@ __all__ = [
     "replicated",
     "match_param_shardings",
     "opt_state_shardings",
+    "collective_shapes",
 ]
 
 _MODES = ("replicated", "fsdp", "tensor")
@@ -307,3 +309,40 @@ def opt_state_shardings(tx, params, param_shardings_tree, *, default=None):
   abstract = jax.eval_shape(tx.init, params)
   return match_param_shardings(abstract, params, param_shardings_tree,
                                default=default)
+
+
+_ARRAY_RE = re.compile(r"\b([a-z]+[0-9]*(?:e[0-9]m[0-9][a-z]*)?)\[([0-9,]*)\]")
+
+
+def collective_shapes(compiled, op: str = "all-gather"
+                      ) -> list[tuple[str, tuple[int, ...]]]:
+  """Result ``(dtype, shape)`` of every ``op`` collective in compiled HLO.
+
+  Use it to check that a sharded step never gathers a whole parameter: none
+  of the shapes returned for ``"all-gather"`` should have a parameter's full
+  size. Asynchronous forms (``all-gather-start``) and tuple results of
+  combined collectives are included (for ``-start`` forms the operands too).
+
+  Args:
+    compiled: a ``jax.stages.Compiled`` (``jax.jit(f).lower(...).compile()``)
+      or its HLO text.
+    op: HLO collective name: ``"all-gather"``, ``"all-reduce"``,
+      ``"all-to-all"``, ``"collective-permute"``, ``"reduce-scatter"``.
+
+  Returns:
+    A list of ``(dtype, shape)``, one per array produced.
+
+  >>> import jax, jax.numpy as jnp
+  >>> f = jax.jit(lambda x: x * 2).lower(jnp.ones((4, 4))).compile()
+  >>> collective_shapes(f)
+  []
+  """
+  text = compiled if isinstance(compiled, str) else compiled.as_text()
+  pattern = re.compile(r"=\s*(.+?)\s+" + re.escape(op) + r"(?:-start)?\(")
+  out = []
+  for line in text.splitlines():
+    m = pattern.search(line)
+    if m:
+      for dtype, dims in _ARRAY_RE.findall(m.group(1)):
+        out.append((dtype, tuple(int(d) for d in dims.split(",") if d)))
+  return out
