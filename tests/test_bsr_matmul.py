@@ -15,44 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pallas_kernels import bsr_from_dense, bsr_matmul
-from pallas_kernels.matmul.testing import dense_reference, expand_block_mask, random_block_mask, relative_error
-
-TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2, jnp.float16: 2e-3}
-
-
-def run_case(backend, *, m_shape, k, n, block, density, dtype=jnp.float32, empty_rows=0, empty_cols=0, slack=2, seed=0, interpret=False):
-  """Checks y, dx and dW of bsr_matmul against dense_reference; returns the three errors."""
-  rng = np.random.default_rng(seed)
-  mask = random_block_mask(rng, (k, n), block, density, empty_rows=empty_rows, empty_cols=empty_cols)
-  nblocks = (k // block[0]) * (n // block[1])
-  capacity = min(nblocks, max(int(mask[:: block[0], :: block[1]].sum()), 1) + slack)
-  # Inputs rounded to dtype first, so the reference sees exactly what the kernel sees.
-  cast = lambda a: np.asarray(jnp.asarray(a, dtype).astype(jnp.float32))
-  w_dense = cast(rng.standard_normal((k, n)))
-  x = cast(rng.standard_normal((*m_shape, k)))
-  dy = cast(rng.standard_normal((*m_shape, n)))
-  w = bsr_from_dense(jnp.asarray(w_dense, dtype), mask, block, capacity=capacity)
-
-  def f(x, blocks):
-    return bsr_matmul(x, dataclasses.replace(w, blocks=blocks), backend=backend, interpret=interpret)
-
-  @jax.jit
-  def value_and_vjp(x, blocks, dy):
-    y, vjp = jax.vjp(f, x, blocks)
-    return y, *vjp(dy)
-
-  y, dx, dblocks = value_and_vjp(jnp.asarray(x, dtype), w.blocks, jnp.asarray(dy, dtype))
-  assert y.dtype == dtype and dx.dtype == dtype and dblocks.dtype == dtype
-  assert y.shape == (*m_shape, n) and dx.shape == x.shape and dblocks.shape == w.blocks.shape
-  y_ref, dx_ref, dw_ref = dense_reference(x, w_dense, mask, dy)
-  dw = dataclasses.replace(w, blocks=dblocks).to_dense()
-  # Padding slots get exactly zero gradient.
-  assert not np.asarray(dblocks, np.float32)[int(w.nnzb):].any()
-  errors = [relative_error(a, b) for a, b in ((y, y_ref), (dx, dx_ref), (dw, dw_ref))]
-  for name, err in zip(("y", "dx", "dW"), errors):
-    assert err < TOL[dtype], (name, err)
-  return errors
-
+from pallas_kernels.matmul.testing import check_bsr_matmul, dense_reference, expand_block_mask, random_block_mask, relative_error
 
 # Shapes: leading batch dims, rows that are not a multiple of any tile, densities 0 and 1, and
 # masks with empty block rows and columns (outputs/gradients that must be exact zeros).
@@ -67,12 +30,12 @@ CASES = [
 @pytest.mark.parametrize("backend", ["reference", "interpret"])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c['block']}-d{c['density']}")
 def test_matches_dense_reference(backend, case):
-  run_case(backend, **case)
+  check_bsr_matmul(backend, **case)
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 def test_half_precision_matches_reference(dtype):
-  run_case("interpret", m_shape=(16,), k=256, n=32, block=(32, 16), density=0.8, dtype=dtype, seed=3)
+  check_bsr_matmul("interpret", m_shape=(16,), k=256, n=32, block=(32, 16), density=0.8, dtype=dtype, seed=3)
 
 
 @pytest.mark.parametrize("backend", ["reference", "interpret"])
@@ -94,7 +57,7 @@ def test_bfloat16_accumulates_in_float32(backend):
     m=st.integers(1, 20), density=st.floats(0, 1), seed=st.integers(0, 2**16),
 )
 def test_property_reference_backend(kb, nb, br, bc, m, density, seed):
-  run_case("reference", m_shape=(m,), k=kb * br, n=nb * bc, block=(br, bc), density=density, seed=seed)
+  check_bsr_matmul("reference", m_shape=(m,), k=kb * br, n=nb * bc, block=(br, bc), density=density, seed=seed)
 
 
 def test_mixed_dtypes_promote():

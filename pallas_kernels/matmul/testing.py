@@ -4,9 +4,17 @@ reference, and lowering a function for a GPU or TPU target from a machine withou
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+
+from pallas_kernels.matmul.format import bsr_from_dense
+from pallas_kernels.matmul.op import bsr_matmul
+
+# Relative-error bounds (||out - ref|| / ||ref||) per input dtype, float32 accumulation.
+TOLERANCE = {jnp.dtype(jnp.float32): 1e-5, jnp.dtype(jnp.bfloat16): 1e-2, jnp.dtype(jnp.float16): 2e-3}
 
 
 def random_block_mask(
@@ -71,6 +79,66 @@ def relative_error(out, ref) -> float:
   den = np.linalg.norm(ref)
   num = np.linalg.norm(out - ref)
   return float(num / den) if den > 0 else float(num)
+
+
+def check_bsr_matmul(
+    backend: str | None,
+    *,
+    m_shape: tuple[int, ...],
+    k: int,
+    n: int,
+    block: tuple[int, int],
+    density: float,
+    dtype=jnp.float32,
+    empty_rows: int = 0,
+    empty_cols: int = 0,
+    slack: int = 2,
+    seed: int = 0,
+    interpret: bool = False,
+    tolerance: float | None = None,
+) -> dict[str, float]:
+  """Checks ``y``, ``dx`` and ``dW`` of :func:`bsr_matmul` on a random case against float64.
+
+  Builds a random block mask (``density``, plus ``empty_rows``/``empty_cols`` cleared block
+  rows/columns) with ``slack`` padding slots, runs value and VJP under ``jit``, and asserts the
+  relative errors are under ``tolerance`` (default :data:`TOLERANCE` of ``dtype``), the output
+  dtypes and shapes, and exact zero gradients on padding slots.
+
+  Returns:
+    The relative errors ``{"y": ..., "dx": ..., "dW": ...}``.
+
+  >>> errs = check_bsr_matmul("reference", m_shape=(3,), k=8, n=8, block=(4, 4), density=0.5)
+  >>> sorted(errs)
+  ['dW', 'dx', 'y']
+  """
+  dtype = jnp.dtype(dtype)
+  rng = np.random.default_rng(seed)
+  mask = random_block_mask(rng, (k, n), block, density, empty_rows=empty_rows, empty_cols=empty_cols)
+  nblocks = (k // block[0]) * (n // block[1])
+  capacity = min(nblocks, max(int(mask[:: block[0], :: block[1]].sum()), 1) + slack)
+  # Inputs are rounded to dtype first, so the reference sees exactly what the kernel sees.
+  cast = lambda a: np.asarray(jnp.asarray(a, dtype).astype(jnp.float32))
+  w_dense = cast(rng.standard_normal((k, n)))
+  x = cast(rng.standard_normal((*m_shape, k)))
+  dy = cast(rng.standard_normal((*m_shape, n)))
+  w = bsr_from_dense(jnp.asarray(w_dense, dtype), mask, block, capacity=capacity)
+
+  @jax.jit
+  def value_and_vjp(x, blocks, dy):
+    f = lambda x, b: bsr_matmul(x, dataclasses.replace(w, blocks=b), backend=backend, interpret=interpret)
+    y, vjp = jax.vjp(f, x, blocks)
+    return y, *vjp(dy)
+
+  y, dx, dblocks = value_and_vjp(jnp.asarray(x, dtype), w.blocks, jnp.asarray(dy, dtype))
+  assert y.dtype == dtype and dx.dtype == dtype and dblocks.dtype == dtype, (y.dtype, dx.dtype, dblocks.dtype)
+  assert y.shape == (*m_shape, n) and dx.shape == x.shape and dblocks.shape == w.blocks.shape
+  assert not np.asarray(dblocks, np.float32)[int(w.nnzb):].any(), "padding slots got a gradient"
+  y_ref, dx_ref, dw_ref = dense_reference(x, w_dense, mask, dy)
+  dw = dataclasses.replace(w, blocks=dblocks).to_dense()
+  errors = {name: relative_error(a, b) for name, a, b in (("y", y, y_ref), ("dx", dx, dx_ref), ("dW", dw, dw_ref))}
+  bound = TOLERANCE[dtype] if tolerance is None else tolerance
+  assert all(e < bound for e in errors.values()), (errors, bound)
+  return errors
 
 
 @contextlib.contextmanager
