@@ -11,7 +11,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from sparsejax.core import distributions
-from sparsejax.core.distributions import erdos_renyi, uniform
+from sparsejax.core.distributions import (erdos_renyi, global_magnitude,
+                                          global_normalized_magnitude, uniform)
 from sparsejax.core.paths import path_str
 
 LENET = {"fc1": {"kernel": jnp.zeros((784, 300)), "bias": jnp.zeros(300)},
@@ -224,6 +225,56 @@ def test_flax_linen_and_nnx_params():
   oflat = {path_str(k): v for k, v in
            jax.tree_util.tree_flatten_with_path(over, is_leaf=lambda x: x is None)[0]}
   assert np.isclose(float(oflat["fc3/kernel"]), 0.3) and oflat["fc3/bias"] is None
+
+
+# ---------------------------------------------------------------- global magnitude
+
+
+def _two_scales():
+  k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+  return {"big": {"kernel": 10.0 * jax.random.normal(k1, (20, 10)), "bias": jnp.ones(10)},
+          "small": {"kernel": jax.random.normal(k2, (10, 30))},
+          "mid": (jax.random.normal(k3, (3, 3, 2, 4)),)}
+
+
+@pytest.mark.parametrize("fn, normalize", [(global_magnitude, False),
+                                           (global_normalized_magnitude, True)])
+def test_global_distributions_match_prune_global(fn, normalize):
+  from sparsejax.core.pruning import prune, prune_global
+  chex.clear_trace_counter()
+  params = _two_scales()
+
+  @jax.jit
+  @chex.assert_max_traces(n=1)
+  def f(p, s):
+    return fn(p, s)
+
+  collapsed = 0
+  for s in (0.5, 0.9):
+    tree = f(params, s)
+    assert tree["big"]["bias"] is None
+    _, m_global = prune_global(params, None, s, normalize=normalize)
+    _, m_leaf = prune(params, None, tree)
+    for path in (("big", "kernel"), ("small", "kernel"), ("mid", 0)):
+      g, l = m_global[path[0]][path[1]], m_leaf[path[0]][path[1]]
+      if not bool(g.any()):  # layer collapse: the per-leaf tree keeps the single best weight
+        assert int(l.sum()) == 1 and np.isclose(float(tree[path[0]][path[1]]), 1 - 1 / g.size)
+        assert not normalize  # only raw global magnitude collapses a low-magnitude leaf here
+        collapsed += 1
+      else:
+        chex.assert_trees_all_equal(l, g)
+    # numpy reference of the per-leaf counts
+    leaves = [np.abs(np.asarray(x)) for x in (params["big"]["kernel"], params["mid"][0],
+                                               params["small"]["kernel"])]
+    if normalize:
+      leaves = [x / np.linalg.norm(x) for x in leaves]
+    flat = np.concatenate([x.ravel() for x in leaves])
+    thr = np.sort(flat)[::-1][int(np.floor(flat.size * (1 - s) + 0.5)) - 1]
+    for x, got in zip(leaves, (tree["big"]["kernel"], tree["mid"][0], tree["small"]["kernel"])):
+      np.testing.assert_allclose(float(got), 1 - max(np.sum(x >= thr), 1) / x.size, atol=1e-6)
+  assert collapsed == (0 if normalize else 2)  # raw, s=0.9: "mid" and "small" (std 1 vs 10) collapse
+  raw, nrm = global_magnitude(params, 0.9), global_normalized_magnitude(params, 0.9)
+  assert float(raw["big"]["kernel"]) < float(nrm["big"]["kernel"])  # raw favours large weights
 
 
 # ---------------------------------------------------------------- errors

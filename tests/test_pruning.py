@@ -255,6 +255,28 @@ def test_drop_and_grow_property(seed, density, j, tie_range):
   assert new_m["b"] is None and grown["b"] is None and new_p["b"] is params["b"]
 
 
+@given(seed=st.integers(0, 2**30), j=st.integers(1, 63))
+def test_set_update_deterministic_for_fixed_key(seed, j):
+  params = {"w": jax.random.normal(jax.random.key(0), (12, 8)), "b": jnp.ones(8)}
+  masks = {"w": jnp.abs(params["w"]) > 0.7, "b": None}
+  params = {"w": jnp.where(masks["w"], params["w"], 0.0), "b": params["b"]}
+  key = jax.random.key(seed)
+  a = drop_and_grow(params, masks, None, random_scores(params, key), j / 64)
+  b = drop_and_grow(params, masks, None, random_scores(params, key), j / 64)
+  chex.assert_trees_all_equal(a, b)
+  assert int(a[1]["w"].sum()) == int(masks["w"].sum())
+  assert int(a[2]["w"].sum()) == int(np.floor(int(masks["w"].sum()) * j / 64))
+
+
+def test_none_param_leaves_are_ignored():
+  params = {"w": jnp.arange(8.0).reshape(2, 4), "opt": None, "b": jnp.ones(4)}
+  new_p, m = prune(params, None, 0.5)
+  assert m["opt"] is None and new_p["opt"] is None and m["b"] is None
+  assert m["w"].tolist() == [[False, False, False, False], [True, True, True, True]]
+  _, m2, _ = drop_and_grow(new_p, m, None, magnitude(new_p), 0.25)
+  assert int(m2["w"].sum()) == 4
+
+
 def test_just_dropped_positions_can_regrow():
   params = {"w": jnp.array([5.0, 0.1, 3.0, 0.0])}
   masks = {"w": jnp.array([True, True, True, False])}

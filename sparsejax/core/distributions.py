@@ -7,11 +7,14 @@ Each function returns a *sparsity tree*: the structure of ``params`` with a floa
 - :func:`uniform`: every selected leaf gets ``sparsity``.
 - :func:`erdos_renyi`: ER (``kernel=False``) and ERK (``kernel=True``, Evci et al. 2020) with
   the dense redistribution loop of ``google-research/rigl`` (``rigl/sparse_utils.py``).
+- :func:`global_magnitude` / :func:`global_normalized_magnitude`: the per-leaf sparsities that
+  one global magnitude ranking produces, raw or with each leaf's ``|w|`` divided by its L2
+  norm first (jaxpruner's default "global" method). Two different methods, named apart.
 
 Per-path ``overrides`` (``{regex: sparsity}``, matched with ``re.search`` on ``/``-joined leaf
 paths such as ``"Dense_0/kernel"``) pin the sparsity of matching selected leaves; those leaves
 are excluded from the solve, and ``sparsity`` is then the exact sparsity of the *other*
-selected leaves taken together. Global magnitude pruning (raw or per-layer normalised) is
+selected leaves taken together. To prune directly with a global ranking use
 :func:`sparsejax.core.pruning.prune_global`.
 
 ``sparsity`` may be a Python float (solved in float64 NumPy) or a traced scalar under
@@ -33,7 +36,7 @@ from sparsejax.core.scores import _path, _selection_flags
 
 PyTree = Any
 
-__all__ = ["uniform", "erdos_renyi"]
+__all__ = ["uniform", "erdos_renyi", "global_magnitude", "global_normalized_magnitude"]
 
 
 def _concrete(x) -> float | None:
@@ -55,7 +58,7 @@ def _check_sparsity(value, where: str) -> None:
 
 def _layers(params: PyTree, selection, overrides: Mapping[str, Any] | None, fn: str):
   """Flattened leaves, selected flags, paths and per-leaf override values (or None)."""
-  flags = _selection_flags(params, selection)
+  flags = _selection_flags(params, selection, fn)
   kl, treedef = jax.tree_util.tree_flatten_with_path(params)
   paths = [_path(kp) for kp, _ in kl]
   shapes = [tuple(np.shape(x)) for _, x in kl]
@@ -226,3 +229,69 @@ def erdos_renyi(params: PyTree, sparsity, *, kernel: bool = True, power: float =
     for i, v in zip(free, vals):
       out[i] = v
   return jax.tree.unflatten(treedef, out)
+
+
+def _global(params, sparsity, normalize, selection, masks, fn):
+  from sparsejax.core.pruning import prune_global  # pylint: disable=import-outside-toplevel
+  _check_sparsity(sparsity, fn)
+  if masks is None:
+    flags = _selection_flags(params, selection, fn)
+    leaves, treedef = jax.tree.flatten(params)
+    masks = jax.tree.unflatten(
+        treedef, [jnp.ones(np.shape(x), bool) if f else None for x, f in zip(leaves, flags)])
+  _, m = prune_global(params, None, sparsity, normalize=normalize, masks=masks)
+  def leaf(x):
+    if x is None:
+      return None
+    kept = jnp.maximum(jnp.sum(x, dtype=jnp.int32), 1)
+    return (1.0 - kept / x.size).astype(jnp.float32)
+
+  return jax.tree.map(leaf, m, is_leaf=lambda x: x is None)
+
+
+def global_magnitude(params: PyTree, sparsity, *, selection: PyTree | None = None,
+                     masks: PyTree | None = None) -> PyTree:
+  """Per-leaf sparsities of *raw* global magnitude pruning.
+
+  One exact top-k of ``|w|`` over all selected leaves keeps ``round(n * (1 - sparsity))``
+  weights; the result is each leaf's resulting sparsity. Pruning each leaf with it
+  (``prune(params, None, tree)``) keeps the same weights as
+  :func:`sparsejax.core.pruning.prune_global` (exact for leaves below ~5M elements; float32
+  sparsities can be off by one element on larger leaves), except that a leaf the global
+  ranking empties completely (layer collapse) gets sparsity ``1 - 1/size``: per-leaf
+  sparsities live in [0, 1) and every leaf keeps at least one weight (use ``prune_global`` to
+  allow collapse). With ``masks``, only kept weights compete.
+
+  Args:
+    params: parameter pytree.
+    sparsity: global sparsity over the selected leaves, in [0, 1) (may be traced).
+    selection: tree of static bools (default: ``ndim >= 2``), used when ``masks`` is None.
+    masks: current mask tree.
+
+  Returns:
+    A sparsity tree.
+
+  >>> import jax.numpy as jnp
+  >>> p = {"a": jnp.array([[1.0, 2.0]]), "b": jnp.array([[30.0, 40.0]])}
+  >>> s = global_magnitude(p, 0.5)  # the ranking empties "a": it keeps its best weight
+  >>> float(s["a"]), float(s["b"])
+  (0.5, 0.0)
+  """
+  return _global(params, sparsity, False, selection, masks, "global_magnitude")
+
+
+def global_normalized_magnitude(params: PyTree, sparsity, *, selection: PyTree | None = None,
+                                masks: PyTree | None = None) -> PyTree:
+  """Per-leaf sparsities of global magnitude pruning on per-leaf L2-normalised ``|w|``.
+
+  Like :func:`global_magnitude`, but each leaf's ``|w|`` is divided by its L2 norm before the
+  global ranking (jaxpruner's ``GlobalMagnitudePruning`` with ``use_normalization=True``), so
+  leaves with large weights do not keep all the budget.
+
+  >>> import jax.numpy as jnp
+  >>> p = {"a": jnp.array([[1.0, 2.0]]), "b": jnp.array([[30.0, 40.0]])}
+  >>> s = global_normalized_magnitude(p, 0.5)
+  >>> float(s["a"]), float(s["b"])
+  (0.5, 0.5)
+  """
+  return _global(params, sparsity, True, selection, masks, "global_normalized_magnitude")

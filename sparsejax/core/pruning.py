@@ -41,10 +41,13 @@ def _flat(params: PyTree):
 
 def _leaves_like(paths: list[str], tree: PyTree, name: str, fn: str) -> list:
   """Leaves of ``tree`` (None kept) aligned with ``paths``; errors name the first bad path."""
-  kl = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_none)[0]
-  tp = [path_str(kp) for kp, _ in kl]
+  pset = set(paths)
+  kl = [(path_str(kp), x) for kp, x in jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_none)[0]]
+  # A None where params hold no leaf at all (a None param) is not an extra leaf.
+  kl = [(p, x) for p, x in kl if x is not None or p in pset]
+  tp = [p for p, _ in kl]
   if tp != paths:
-    tset, pset = set(tp), set(paths)
+    tset = set(tp)
     for p in paths:
       if p not in tset:
         raise ValueError(f"{fn}: {name} has no leaf {p!r} (params have it); pass a tree with the "

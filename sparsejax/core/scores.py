@@ -216,15 +216,16 @@ def synflow_densities(density, rounds: int) -> jax.Array:
   return jnp.asarray(density, jnp.float32) ** (k / rounds)
 
 
-def _selection_flags(params: PyTree, selection) -> list[bool]:
-  """One static bool per leaf of ``params`` (None/False/absent = dense)."""
+def _selection_flags(params: PyTree, selection, fn: str = "select") -> list[bool]:
+  """One static bool per leaf of ``params``; ``selection`` is a bool tree or a mask tree."""
+  # pylint: disable=import-outside-toplevel
+  from sparsejax.core.paths import select
+  from sparsejax.core.pruning import _flat, _leaves_like
   if selection is None:
-    from sparsejax.core.paths import select  # pylint: disable=import-outside-toplevel
     selection = select(params)
-  flags = jax.tree.leaves(
-      jax.tree.map(lambda _, s: s is not None and s is not False, params, selection,
-                   is_leaf=lambda x: x is None))
-  return flags
+  paths = _flat(params)[0]
+  flags = _leaves_like(paths, selection, "selection", fn)
+  return [f is not None and f is not False for f in flags]
 
 
 def synflow_scores(apply_fn: Callable[[PyTree, jax.Array], jax.Array], params: PyTree,
@@ -272,9 +273,8 @@ def synflow_scores(apply_fn: Callable[[PyTree, jax.Array], jax.Array], params: P
   if masks is None:
     mask_leaves = [None] * len(leaves)
   else:
-    mask_leaves = jax.tree.leaves(
-        jax.tree.map(lambda _, m: m, params, masks, is_leaf=lambda x: x is None),
-        is_leaf=lambda x: x is None)
+    from sparsejax.core.pruning import _leaves_like  # pylint: disable=import-outside-toplevel
+    mask_leaves = _leaves_like([_path(kp) for kp, _ in leaves], masks, "masks", "synflow_scores")
   lin = []
   for (kp, leaf), m in zip(leaves, mask_leaves):
     if not _is_float(leaf):
@@ -328,7 +328,7 @@ def synflow_masks(apply_fn: Callable[[PyTree, jax.Array], jax.Array], params: Py
   """
   from sparsejax.core.selection import global_topk_masks, num_to_keep  # pylint: disable=import-outside-toplevel
 
-  flags = _selection_flags(params, selection)
+  flags = _selection_flags(params, selection, "synflow_masks")
   leaves, treedef = jax.tree.flatten(params)
   masks0 = jax.tree.unflatten(
       treedef, [jnp.ones(np.shape(x), bool) if f else None for x, f in zip(leaves, flags)])
