@@ -101,6 +101,9 @@ def _per_leaf(value, paths: list[str], active: list[bool], name: str, fn: str) -
     if a and v is None:
       raise ValueError(f"{fn}: {name} is None at {p!r}, which is masked; give it a value (or make "
                        "the leaf dense).")
+    if not a and v is not None:
+      raise ValueError(f"{fn}: {name} has a value at {p!r}, but that leaf is dense (None in the "
+                       "mask tree / not selected); put None there or mask the leaf.")
   return [v if a else None for v, a in zip(vals, active)]
 
 
@@ -366,6 +369,9 @@ def drop_and_grow(params: PyTree, masks: PyTree, drop_scores: PyTree | None,
   ([4.0, 0.0, 0.0, 3.0], [True, True, False, True], [False, True, False, False])
   """
   fn = "drop_and_grow"
+  if grow_scores is None:
+    raise ValueError(f"{fn}: grow_scores is required (random_scores(params, key) for SET, "
+                     "gradient_magnitude(grads) for RigL).")
   paths, leaves, treedef = _flat(params)
   old = _masks_list(fn, paths, leaves, masks)
   active = [m is not None for m in old]
