@@ -60,6 +60,7 @@ def index_lists(selected: jax.Array) -> tuple[jax.Array, jax.Array]:
   return counts, jnp.where(pos < counts[..., None], order, last)
 
 
+@jax.jit
 def _scatter_states(full_counts, full_idx, partial_counts, partial_idx):
   n = full_idx.shape[-1]
   pos = jnp.arange(n, dtype=jnp.int32)
@@ -184,12 +185,7 @@ class BlockMask:
       b = max(bm, bs)
       states = jnp.broadcast_to(states, (b,) + states.shape[1:])
       mask_mod = mask_mod.broadcast_batch(b)
-    fc, fi = index_lists(states == FULL)
-    pc, pi = index_lists(states == PARTIAL)
-    st = jnp.swapaxes(states, -1, -2)
-    tfc, tfi = index_lists(st == FULL)
-    tpc, tpi = index_lists(st == PARTIAL)
-    return cls(fc, fi, pc, pi, tfc, tfi, tpc, tpi, mask_mod,
+    return cls(*_lists_from_states(states), mask_mod,
                int(q_len), int(kv_len), int(q_block), int(kv_block))
 
   @classmethod
@@ -242,6 +238,9 @@ class BlockMask:
     >>> causal_mask(3, q_block=2).to_dense()[0, 0].astype(int).tolist()
     [[1, 0, 0], [1, 1, 0], [1, 1, 1]]
     """
+    return _to_dense(self)
+
+  def _to_dense_impl(self) -> jax.Array:
     states = self.block_states()
     st = jnp.repeat(jnp.repeat(states, self.q_block, axis=2), self.kv_block, axis=3)
     st = st[:, :, :self.q_len, :self.kv_len]
@@ -301,6 +300,22 @@ jax.tree_util.register_dataclass(
     meta_fields=["q_len", "kv_len", "q_block", "kv_block"])
 
 
+@jax.jit
+def _lists_from_states(states):
+  fc, fi = index_lists(states == FULL)
+  pc, pi = index_lists(states == PARTIAL)
+  st = jnp.swapaxes(states, -1, -2)
+  tfc, tfi = index_lists(st == FULL)
+  tpc, tpi = index_lists(st == PARTIAL)
+  return fc, fi, pc, pi, tfc, tfi, tpc, tpi
+
+
+@jax.jit
+def _to_dense(mask: BlockMask):
+  return mask._to_dense_impl()  # pylint: disable=protected-access
+
+
+@jax.jit
 def _merge(fc, fi, pc, pi):
   n = fi.shape[-1]
   s = jnp.arange(n, dtype=jnp.int32)

@@ -8,6 +8,7 @@ They are jit-able, and data such as segment ids or prefix lengths may be traced.
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import jax
@@ -46,6 +47,7 @@ def _blocks(q_len, kv_len, q_block, kv_block):
   return q_len, kv_len, q_block, kv_block
 
 
+@functools.partial(jax.jit, static_argnames=("q_len", "kv_len", "q_block", "kv_block"))
 def classify_blocks(mask_mod: MaskMod, *, q_len: int, kv_len: int, q_block: int,
                     kv_block: int) -> jax.Array:
   """Block states ``[B', 1, nq, nk]`` (0 empty, 1 partial, 2 full) of a token mask.
