@@ -17,6 +17,7 @@ from pallas_kernels.attention.constructors import (block_mask_from_blocks, causa
 from pallas_kernels.attention.mask_fns import (AndFn, CausalFn, MaskMod, OrFn, PrefixLMFn,
                                                SegmentFn, SlidingWindowFn, UserFn)
 from pallas_kernels.attention.op import block_sparse_attention
+from pallas_kernels.attention.spec import MaskSpec
 from pallas_kernels.attention.reference import (attention_dense_reference,
                                                 blockwise_attention_bwd,
                                                 blockwise_attention_fwd)
@@ -24,7 +25,7 @@ from pallas_kernels.attention.topk import (block_attention_targets, pool_blocks,
                                            pooled_block_scores, topk_block_mask)
 
 __all__ = [
-    "AndFn", "BlockMask", "CausalFn", "EMPTY", "FULL", "MaskMod", "OrFn", "PARTIAL",
+    "AndFn", "BlockMask", "CausalFn", "EMPTY", "FULL", "MaskMod", "MaskSpec", "OrFn", "PARTIAL",
     "PrefixLMFn", "SegmentFn", "SlidingWindowFn", "UserFn", "and_masks",
     "attention_dense_reference", "block_attention_targets", "block_mask_from_blocks",
     "block_sparse_attention", "blockwise_attention_bwd", "blockwise_attention_fwd",
