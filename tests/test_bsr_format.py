@@ -53,7 +53,7 @@ def test_round_trip_and_structure(density, shape, block):
   np.testing.assert_allclose(float(w.density), block_mask.mean())
 
 
-@settings(max_examples=8)
+@settings(max_examples=5)
 @given(
     kb=st.integers(1, 5), nb=st.integers(1, 5), br=st.sampled_from([1, 2, 4]), bc=st.sampled_from([1, 3]),
     density=st.floats(0, 1), extra=st.integers(0, 3), seed=st.integers(0, 2**16),

@@ -33,7 +33,7 @@ def test_visit_schedule(ptr):
   capacity = max(ptr[-1], 1) + 1
   rng = np.random.default_rng(len(ptr))
   inner, slot = rng.permutation(capacity), rng.permutation(capacity)
-  group, inner_s, slot_s, valid = (np.asarray(a) for a in kernel_tpu.visit_schedule(
+  group, inner_s, slot_s, valid = (np.asarray(a) for a in jax.jit(kernel_tpu.visit_schedule)(
       jnp.asarray(ptr, jnp.int32), jnp.asarray(inner, jnp.int32), jnp.asarray(slot, jnp.int32)))
   expected = _schedule_by_loops(ptr, inner, slot)
   n = len(expected)

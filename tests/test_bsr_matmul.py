@@ -51,7 +51,7 @@ def test_bfloat16_accumulates_in_float32(backend):
     np.testing.assert_array_equal(np.asarray(a, np.float32), 512.0)
 
 
-@settings(max_examples=6)
+@settings(max_examples=5)
 @given(
     kb=st.integers(1, 4), nb=st.integers(1, 4), br=st.sampled_from([8, 16]), bc=st.sampled_from([4, 16]),
     m=st.integers(1, 20), density=st.floats(0, 1), seed=st.integers(0, 2**16),

@@ -38,6 +38,8 @@ from pallas_kernels.matmul.format import BlockSparseMatrix, _name
 
 _SMEM_BYTES = 227 * 1024 - 2048  # H100/H200 opt-in shared memory per block, minus barriers/slack
 _H100_SMS = 132
+_MEMORY_REGISTERS = 40
+_COMPUTE_REGISTERS = 232  # what (512 - 40) registers per thread leave one compute warpgroup, capped
 
 
 def check(w: BlockSparseMatrix, dtype, path: str | None = None) -> None:
@@ -84,10 +86,6 @@ def _stages(step_bytes: int, out_bytes: int, max_stages: int = 4) -> int:
 
 def _compiler_params():
   return plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup)
-
-
-_MEMORY_REGISTERS = 40
-_COMPUTE_REGISTERS = 232  # (512 - 40) registers per thread left for one compute warpgroup, rounded
 
 
 def _persistent_mma(*, n_tiles, num_sms, stages, acc_shape, tile_info, issue, epilogue, smem, loaded, consumed, a_view, b_view):

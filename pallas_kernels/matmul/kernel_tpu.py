@@ -9,7 +9,8 @@ issues no DMA for them. ``sddmm`` runs a grid ``(slots, row tiles)`` with the re
 tiles innermost; padding slots read one fixed block and write zeros.
 
 TPU tiling: ``br`` and ``bc`` must be multiples of 128 (or the whole dim); float16 is not
-supported (use bfloat16). With ``interpret=True`` the kernels run under
+supported (use bfloat16). The schedule (four int32 arrays of ``capacity + groups``) lives in
+SMEM: a very large capacity may not fit there (not yet checked on a TPU). With ``interpret=True`` the kernels run under
 ``pltpu.InterpretParams()``, which simulates TPU semantics (scalar prefetch, DMAs) on CPU.
 """
 
