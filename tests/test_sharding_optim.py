@@ -2,9 +2,10 @@
 
 Each transformation trains a few steps (mask updates included) with params in
 an FSDP or tensor-parallel layout and the optimizer state laid out by
-:func:`sparsejax.sharding.opt_state_shardings`; params, masks and the whole
-optimizer state must be bit-identical to the same steps on one device (the
-loss is elementwise, so no reduction order can differ), params-shaped state
+:func:`sparsejax.sharding.opt_state_shardings`; masks, counters and keys must
+equal those of the same steps on one device exactly, params and moments to
+float rounding (the loss is elementwise, so no reduction order differs; XLA
+may still vectorise shards differently), params-shaped state
 must keep the params' shardings through the step, and the compiled step must
 not all-gather a whole parameter, gradient or score array.
 """
@@ -115,7 +116,7 @@ def check_sharded_training(method, mode):
   compiled = step.lower(placed, state).compile()
   out_params, out_state = step(placed, state)
 
-  # Bit-identical to one device: params, masks, moments, counters, keys.
+  # Same as on one device: params, masks, moments, counters, keys.
   ref_params, ref_state = _single_device(method)
   for got, want in ((out_params, ref_params), (out_state, ref_state)):
     a = jax.tree.leaves(got, is_leaf=lambda x: x is None)
@@ -127,7 +128,15 @@ def check_sharded_training(method, mode):
         continue
       if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
         x, y = jax.random.key_data(x), jax.random.key_data(y)
-      np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+      x, y = np.asarray(x), np.asarray(y)
+      assert x.dtype == y.dtype and x.shape == y.shape
+      if np.issubdtype(x.dtype, np.floating):
+        # XLA:CPU may vectorise differently shaped shards differently
+        # (observed: 1-ulp differences with jax 0.12); zeros stay exact.
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(x == 0, y == 0)
+      else:  # masks, counters, PRNG keys: exact.
+        np.testing.assert_array_equal(x, y)
   if method != "gradient_masking":
     masks = so.get_masks(out_state)
     assert masks["fc1"]["bias"] is None

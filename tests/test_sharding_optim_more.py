@@ -1,6 +1,6 @@
 """The other sparsejax.optim transformations under a device mesh.
 
-Same checks as tests/test_sharding_optim.py (bit-identical to one device,
+Same checks as tests/test_sharding_optim.py (equal to one device,
 shardings kept, no all-gather of a whole array), one layout per method.
 """
 
