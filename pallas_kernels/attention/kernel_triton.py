@@ -39,9 +39,14 @@ def _next_pow2(n: int) -> int:
   return 1 << max(0, (n - 1).bit_length())
 
 
-def triton_compiler_params(num_warps: int | None, num_stages: int | None):
-  """``plt.CompilerParams`` for the Triton lowering (imported lazily)."""
+def triton_compiler_params(num_warps: int | None, num_stages: int | None, head_dim: int):
+  """``plt.CompilerParams`` for the Triton lowering (imported lazily).
+
+  Defaults: 4 warps for ``head_dim <= 64``, else 8; 2 pipeline stages.
+  """
   from jax.experimental.pallas import triton as plt  # pylint: disable=g-import-not-at-top
+  num_warps = (4 if head_dim <= 64 else 8) if num_warps is None else num_warps
+  num_stages = 2 if num_stages is None else num_stages
   return plt.CompilerParams(num_warps=num_warps, num_stages=num_stages)
 
 

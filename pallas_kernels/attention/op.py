@@ -59,7 +59,7 @@ def _forward(q, k, v, block_mask, scale, impl: _Impl):
     from pallas_kernels.attention import kernel_triton  # pylint: disable=g-import-not-at-top
     interpret = impl.backend == "interpret" or impl.interpret
     params = None if interpret else kernel_triton.triton_compiler_params(
-        impl.num_warps, impl.num_stages)
+        impl.num_warps, impl.num_stages, dims.head_dim)
     return kernel_triton.flash_fwd(q, k, v, block_mask, dims, scale=scale, interpret=interpret,
                                    compiler_params=params)
   if impl.backend == "tpu":
@@ -84,7 +84,7 @@ def _backward(q, k, v, out, lse, d_out, d_lse, block_mask, scale, impl: _Impl):
     from pallas_kernels.attention import kernel_triton  # pylint: disable=g-import-not-at-top
     interpret = impl.backend == "interpret" or impl.interpret
     params = None if interpret else kernel_triton.triton_compiler_params(
-        impl.num_warps, impl.num_stages)
+        impl.num_warps, impl.num_stages, dims.head_dim)
     return kernel_triton.flash_bwd(q, k, v, d_out, lse, delta, block_mask, dims, scale=scale,
                                    interpret=interpret, compiler_params=params)
   if impl.backend == "tpu":
@@ -132,7 +132,8 @@ def block_sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, block_mask:
       CPU reference).
     interpret: run a GPU/TPU backend's kernels in the Pallas interpreter (tests).
     return_lse: also return the float32 log-sum-exp ``[batch, heads, q_len]``.
-    num_warps, num_stages: Triton compiler parameters.
+    num_warps, num_stages: Triton compiler parameters (default: 4 warps for
+      head_dim <= 64, else 8; 2 stages).
 
   Returns:
     The output ``[batch, q_len, heads, head_dim]`` in the input dtype (and the LSE).
