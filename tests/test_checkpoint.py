@@ -485,3 +485,34 @@ def test_single_device_process_to_eight_device_mesh(tmp_path):
   _assert_identical(restored, expected)
   assert restored["mask"].sharding == shardings["mask"]
   assert restored["key"].sharding == shardings["key"]
+
+
+def test_flax_nnx_model_and_optimizer_state(tmp_path):
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  import sparsejax.optim as so  # pylint: disable=import-outside-toplevel
+
+  class MLP(nnx.Module):
+
+    def __init__(self, rngs):
+      self.fc1 = nnx.Linear(8, 16, rngs=rngs)
+      self.fc2 = nnx.Linear(16, 4, rngs=rngs)
+
+  def build(seed):
+    model = MLP(nnx.Rngs(seed))
+    tx = so.rigl(optax.adam(1e-3), sparsity=0.5, end_step=10, key=seed)
+    return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+  model, opt = build(0)
+  with ckpt.checkpoint_manager(tmp_path / "c") as m:
+    ckpt.save_checkpoint(m, 1, nnx.state((model, opt)))
+    model2, opt2 = build(1)  # other weights and masks
+    assert not np.array_equal(so.get_masks(opt2.opt_state)["fc1"]["kernel"],
+                              so.get_masks(opt.opt_state)["fc1"]["kernel"])
+    target = ckpt.abstract_state(nnx.state((model2, opt2)))
+    restored = ckpt.restore_checkpoint(m, target)
+  nnx.update((model2, opt2), restored.state)
+  np.testing.assert_array_equal(model2.fc1.kernel[...], model.fc1.kernel[...])
+  for a, b in zip(jax.tree.leaves(so.get_masks(opt2.opt_state)),
+                  jax.tree.leaves(so.get_masks(opt.opt_state))):
+    assert a.dtype == jnp.bool_
+    np.testing.assert_array_equal(a, b)
