@@ -57,8 +57,11 @@ class Dims:
     return self.num_heads // self.mask_heads
 
 
-def check_inputs(q, k, v, block_mask: BlockMask) -> Dims:
-  """Validates q/k/v against each other and the mask; returns the static sizes."""
+def check_inputs(q, k, v, block_mask: BlockMask, *, check_values: bool = True) -> Dims:
+  """Validates q/k/v against each other and the mask; returns the static sizes.
+
+  ``check_values=False`` skips the (NumPy) checks of concrete index values.
+  """
   if not isinstance(block_mask, BlockMask):
     raise TypeError(f"block_mask: expected a BlockMask, got {type(block_mask).__name__}; build "
                     "one with pallas_kernels.attention.causal_mask and friends")
@@ -79,7 +82,8 @@ def check_inputs(q, k, v, block_mask: BlockMask) -> Dims:
   if hq % hk:
     raise ValueError(f"k: {hk} kv heads must divide the {hq} query heads (grouped-query "
                      "attention)")
-  block_mask.validate(batch=b, num_heads=hq, q_len=sq, kv_len=k.shape[1])
+  block_mask.validate(batch=b, num_heads=hq, q_len=sq, kv_len=k.shape[1],
+                      check_values=check_values)
   return Dims(b, sq, k.shape[1], hq, hk, d, block_mask.q_block, block_mask.kv_block,
               block_mask.batch, block_mask.num_heads)
 

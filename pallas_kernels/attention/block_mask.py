@@ -93,10 +93,12 @@ class BlockMask:
   ``document_mask``, ``prefix_lm_mask``, ``mask_from_fn``, ``block_mask_from_blocks``,
   ``topk_block_mask``) or :meth:`from_states`.
 
-  >>> states = jnp.array([[[[2, 0], [1, 2]]]], jnp.int8)  # [B'=1, H'=1, nq=2, nk=2]
-  >>> m = BlockMask.from_states(states, q_len=8, kv_len=8, q_block=4, kv_block=4)
-  >>> m.full_kv_counts.tolist(), m.partial_q_indices.tolist()
-  ([[[1, 1]]], [[[1, 1], [0, 0]]])
+  >>> from pallas_kernels.attention import MaskMod, CausalFn
+  >>> states = jnp.array([[[[1, 0], [2, 1]]]], jnp.int8)  # [B'=1, H'=1, nq=2, nk=2]
+  >>> m = BlockMask.from_states(states, q_len=8, kv_len=8, q_block=4, kv_block=4,
+  ...                           mask_mod=MaskMod(CausalFn()))
+  >>> m.full_kv_counts.tolist(), m.partial_kv_indices.tolist(), m.full_q_indices.tolist()
+  ([[[0, 1]]], [[[[0, 0], [1, 1]]]], [[[[1, 1], [0, 0]]]])
   """
 
   full_kv_counts: jax.Array
@@ -194,8 +196,8 @@ class BlockMask:
                     mask_mod: MaskMod | None = None) -> "BlockMask":
     """Builds a mask from FlexAttention-style kv lists (computes the transposed lists).
 
-    >>> m = BlockMask.from_kv_lists(jnp.array([[[1]]]), jnp.array([[[0]]]),
-    ...                             jnp.array([[[0]]]), jnp.array([[[0]]]),
+    >>> m = BlockMask.from_kv_lists(jnp.array([[[1]]]), jnp.array([[[[0]]]]),
+    ...                             jnp.array([[[0]]]), jnp.array([[[[0]]]]),
     ...                             q_len=4, kv_len=4, q_block=4, kv_block=4)
     >>> m.full_q_counts.tolist()
     [[[1]]]

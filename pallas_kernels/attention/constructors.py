@@ -160,9 +160,9 @@ def document_mask(segment_ids, kv_segment_ids=None, *, causal: bool = False,
     q_block, kv_block: block sizes.
     q_offset: absolute position of query 0 for ``causal``.
 
-  >>> m = document_mask(jnp.array([0, 0, 1, 1, 1, 1, 2, 2]), q_block=2)
+  >>> m = document_mask(jnp.array([0, 0, 0, 1, 1, 1, 2, 2]), q_block=2)
   >>> m.block_states()[0, 0].tolist()
-  [[2, 0, 0, 0], [0, 2, 1, 0], [0, 1, 2, 0], [0, 0, 0, 2]]
+  [[2, 1, 0, 0], [1, 1, 1, 0], [0, 1, 2, 0], [0, 0, 0, 2]]
   """
   q_seg = jnp.asarray(segment_ids)
   kv_seg = q_seg if kv_segment_ids is None else jnp.asarray(kv_segment_ids)
