@@ -10,8 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.attention import (and_masks, block_sparse_attention, causal_mask,
-                                      document_mask, full_mask, sliding_window_mask)
+from pallas_kernels.attention import (and_masks, block_mask_from_blocks, block_sparse_attention,
+                                      causal_mask, document_mask, full_mask, sliding_window_mask)
 from pallas_kernels.attention.testing import (export_for, numpy_attention, random_block_mask,
                                               relative_error)
 
@@ -55,10 +55,18 @@ def _doc_causal(sq, sk, qb, kb, batch=2):
                    document_mask(jnp.asarray(seg_q), jnp.asarray(seg_k), q_block=qb, kv_block=kb))
 
 
+def _per_group(mask, rng, heads=2):
+  """Intersects with a random block mask per kv head (H' = num_kv_heads)."""
+  blocks = random_block_mask(rng, q_len=mask.q_len, kv_len=mask.kv_len, q_block=mask.q_block,
+                             kv_block=mask.kv_block, density=0.7, heads=heads, empty_q_blocks=0)
+  return and_masks(mask, blocks)
+
+
 def test_interpret_kernels_token_masks_gqa_ragged():
   rng = np.random.default_rng(0)
   q, k, v, do = _inputs(rng, 2, 40, 36, 4, 2, 16, jnp.float32)
-  mask = _doc_causal(40, 36, 16, 16)
+  mask = _per_group(_doc_causal(40, 36, 16, 16), rng)
+  assert (mask.batch, mask.num_heads) == (2, 2)
   got = _run(q, k, v, do, mask, "interpret", False)
   _check(got, q, k, v, do, mask, 2e-5)
 
@@ -76,7 +84,7 @@ def test_interpret_kernels_random_blocks_bf16_padded_head_dim():
 def test_tpu_kernels_under_interpret_params():
   rng = np.random.default_rng(2)
   q, k, v, do = _inputs(rng, 2, 40, 36, 4, 2, 8, jnp.float32)
-  mask = _doc_causal(40, 36, 16, 8)
+  mask = _per_group(_doc_causal(40, 36, 16, 8), rng)
   got = _run(q, k, v, do, mask, "tpu", True)
   _check(got, q, k, v, do, mask, 2e-5)
 
@@ -85,7 +93,11 @@ def test_tpu_kernels_under_interpret_params():
 def test_mosaic_gpu_kernels_in_gpu_interpreter():
   rng = np.random.default_rng(3)
   q, k, v, do = _inputs(rng, 1, 128, 200, 2, 1, 64, jnp.float16)
-  mask = _doc_causal(128, 200, 128, 128, batch=1)
+  # H' = 2 (one mask per query head): head 1 sees nothing at all.
+  heads = block_mask_from_blocks(jnp.array([[[True, True]], [[False, False]]]), q_len=128,
+                                 kv_len=200, q_block=128)
+  mask = and_masks(_doc_causal(128, 200, 128, 128, batch=1), heads)
+  assert np.asarray(mask.block_states()).reshape(2, 2).tolist() == [[1, 0], [0, 0]]
   got = _run(q, k, v, do, mask, "mosaic_gpu", True)
   _check(got, q, k, v, do, mask, 3e-3)
 
