@@ -158,102 +158,217 @@ class GlobalThreshold(NamedTuple):
   count: jax.Array
 
 
-def _count_cmp(keys, eligible, cand, op) -> jax.Array:
-  total = jnp.zeros((), _count_dtype())
-  for key, el in zip(keys, eligible):
-    c = op(key, cand)
+def _opaque_zero(token) -> jax.Array:
+  """A uint32 zero that XLA cannot prove is zero, data-dependent on ``token``.
+
+  ``(v * v) & 2 == 0`` for every integer ``v`` (squares are 0 or 1 mod 4).
+  ``token`` must hold small replicated values (scalars, histograms), never a
+  (possibly sharded) parameter-sized array.
+  XOR-ing keys with it makes a pass depend on ``token``: XLA then neither
+  hoists key computations out of loops, nor merges the identical key
+  computations of different passes into one materialised array, nor computes
+  the temporaries of all leaves before the first is consumed.
+  """
+  leaves = jax.tree.leaves(token)
+  if not leaves:
+    return jnp.zeros((), jnp.uint32)
+  v = jnp.ravel(jnp.asarray(leaves[0]))[0]
+  v = lax.convert_element_type(v, jnp.uint32) if v.dtype != jnp.bool_ else v.astype(jnp.uint32)
+  return (v * v) & jnp.uint32(2)
+
+
+def _xor_bits(x, z) -> jax.Array:
+  """``x + z`` for the runtime zero ``z``: equal keys to ``x``, data-dependent on ``z``.
+
+  (For floats ``x + 0`` only turns -0.0 into +0.0, which have the same key.)
+  """
+  x = jnp.asarray(x)
+  if x.dtype == jnp.bool_:
+    return x ^ (z != 0)
+  return x + z.astype(x.dtype)
+
+
+class _LazyKeys:
+  """Ordered keys of each leaf, recomputed inside every pass that uses them.
+
+  Computing keys once would materialise a full-size copy of all scores.
+  ``refresh(token)`` / ``key_after(i, token)`` tie each pass (and each leaf
+  within a pass) to a value of the previous step through :func:`_opaque_zero`.
+  """
+
+  def __init__(self, leaves, eligible, score_fn=None, dtype=None, zero=None):
+    self.leaves = list(leaves)
+    self.eligible = list(eligible)
+    self.score_fn = score_fn
+    if dtype is None:
+      dts = {jax.eval_shape(self._raw, x).dtype for x in self.leaves}
+      dtype = np.dtype(np.uint64) if np.dtype(np.uint64) in dts else np.dtype(np.uint32)
+    self.dtype = dtype
+    self.zero = zero
+    self.shapes = [tuple(np.shape(x)) for x in self.leaves]
+
+  def _raw(self, x):
+    if self.score_fn is not None:
+      x = self.score_fn(x)
+    return ordered_keys(x)
+
+  def refresh(self, token) -> "_LazyKeys":
+    return _LazyKeys(self.leaves, self.eligible, self.score_fn, self.dtype, _opaque_zero(token))
+
+  def key_after(self, i, token=None):
+    """Keys and eligibility of leaf i, computed only after ``token`` exists."""
+    z = self.zero
+    if token is not None:
+      tz = _opaque_zero(token)
+      z = tz if z is None else z | tz
+    x = self.leaves[i] if z is None else _xor_bits(self.leaves[i], z)
+    return self._raw(x).astype(self.dtype), self.eligible[i]
+
+  def __len__(self):
+    return len(self.leaves)
+
+  def __getitem__(self, i):
+    return self.key_after(i)[0]
+
+  def count(self, i, pred, token=None) -> jax.Array:
+    """``sum(pred(keys_i, flat_index) & eligible_i)`` over leaf i."""
+    key, el = self.key_after(i, token)
+    c = pred(key, lambda: _leaf_iota(self.shapes[i]))
     if el is not None:
       c = c & el
-    total = total + jnp.sum(c, dtype=_count_dtype())
-  return total
+    return jnp.sum(c, dtype=_count_dtype())
+
+  def total(self, pred) -> jax.Array:
+    out = jnp.zeros((), _count_dtype())
+    for i in range(len(self)):
+      out = out + self.count(i, pred, out)
+    return out
 
 
-def _select_key(keys, eligible, k, digit_bits: int):
-  """Largest key t with count(key >= t) >= k (radix selection, MSB first)."""
-  kdt = keys[0].dtype
+def _bisect_select(keys, k):
+  """Largest key t with count(key >= t) >= k: one fused count pass per bit."""
+  kdt = keys.dtype
   nbits = 8 * kdt.itemsize
-  digit_bits = max(1, min(digit_bits, nbits))
-  n_steps = -(-nbits // digit_bits)
 
-  def step(t, shift, width):
-    n_cand = (1 << width) - 1
-    cands = t | (jnp.arange(1, n_cand + 1, dtype=kdt) << jnp.asarray(shift, kdt))
-    counts = jnp.zeros((n_cand,), _count_dtype())
-    for key, el in zip(keys, eligible):
-      c = key[..., None] >= cands
-      if el is not None:
-        c = c & el[..., None]
-      counts = counts + jnp.sum(c.reshape(-1, n_cand), axis=0, dtype=_count_dtype())
-    j = jnp.sum(counts >= k, dtype=jnp.int32)  # counts are monotone in the candidate
-    return t | (j.astype(kdt) << jnp.asarray(shift, kdt))
+  def step(i, t):
+    cand = t | (jnp.asarray(1, kdt) << (nbits - 1 - i).astype(kdt))
+    total = keys.refresh(t).total(lambda key, idx: key >= cand)
+    return jnp.where(total >= k, cand, t)
 
-  if digit_bits == 1:
-    def step1(i, t):
-      bit = (nbits - 1 - i).astype(kdt)
-      cand = t | (jnp.asarray(1, kdt) << bit)
-      return jnp.where(_count_cmp(keys, eligible, cand, lambda a, b: a >= b) >= k, cand, t)
-    return lax.fori_loop(0, nbits, step1, jnp.zeros((), kdt))
+  t = lax.fori_loop(0, nbits, step, jnp.zeros((), kdt))
+  kk = keys.refresh(t)
+  gt = kk.total(lambda key, idx: key > t)
+  eq = kk.total(lambda key, idx: key == t)
+  return t, gt, eq
+
+
+def _radix_select(keys, k, bits):
+  """Same result as :func:`_bisect_select` with ``nbits / bits`` histogram passes.
+
+  Pass i histograms digit i (``bits`` wide, MSB first) of the keys whose higher
+  digits equal the threshold's digits found so far (a scatter-add into a small
+  replicated histogram: local per shard, then an all-reduce).
+  """
+  kdt = keys.dtype
+  nbits = 8 * kdt.itemsize
+  cdt = _count_dtype()
+  if bits not in (4, 8, 16) or nbits % bits:
+    raise ValueError(f"radix_bits must be 4, 8 or 16, got {bits}.")
+  nb = 1 << bits
   t = jnp.zeros((), kdt)
-  for i in range(n_steps):
-    shift = max(nbits - (i + 1) * digit_bits, 0)
-    width = nbits - i * digit_bits - shift
-    t = step(t, shift, width)
-  return t
+  k_rem = k
+  gt = jnp.zeros((), cdt)
+  eq = jnp.zeros((), cdt)
+  for i in range(nbits // bits):
+    shift = nbits - (i + 1) * bits
+    kk = keys.refresh((t, k_rem))
+    h = jnp.zeros((nb,), cdt)
+    for li in range(len(kk)):
+      key, el = kk.key_after(li, h)
+      d = ((key >> jnp.asarray(shift, kdt)) & jnp.asarray(nb - 1, kdt)).astype(jnp.int32)
+      valid = None
+      if i > 0:
+        hi = jnp.asarray(shift + bits, kdt)
+        valid = (key >> hi) == (t >> hi)
+      if el is not None:
+        valid = el if valid is None else valid & el
+      if valid is not None:
+        d = jnp.where(valid, d, nb)  # out of range: dropped
+      h = h.at[d].add(jnp.ones((), cdt), mode="drop")
+    suffix = jnp.cumsum(h[::-1])[::-1]  # suffix[j] = count(digit >= j) among candidates
+    suffix = jnp.concatenate([suffix, jnp.zeros((1,), cdt)])
+    j = jnp.maximum(jnp.sum(suffix[:nb] >= k_rem, dtype=jnp.int32) - 1, 0)
+    above = suffix[j + 1]
+    gt = gt + above
+    k_rem = k_rem - above
+    t = t | (j.astype(kdt) << jnp.asarray(shift, kdt))
+    eq = h[j]
+  return t, gt, eq
 
 
-def _tie_cutoff(key, el, t, r, size):
-  """Smallest c with count(key == t & idx < c) >= r (bisection on counts); r >= 1."""
-  idx = _leaf_iota(key.shape)
-  nb = max(1, int(size).bit_length())
+def _tie_cutoffs(keys, t, r_l, which):
+  """Tie cut-off of leaf ``which``: smallest c with count(key == t & idx < c) >= r_l[which].
+
+  Bisection on the flat index, each step one fused count over that leaf only
+  (``lax.switch`` picks the leaf inside the loop body).
+  """
+  n = len(keys)
+  sizes = [int(np.prod(s)) for s in keys.shapes]
+  nb = max(1, max(sizes).bit_length())
+  size_w = jnp.asarray(sizes, jnp.int32)[which]
+  r = r_l[which]
 
   def step(i, p):
     cand = p + (jnp.int32(1) << (nb - 1 - i))
-    eq = (key == t) & (idx < cand)
-    if el is not None:
-      eq = eq & el
-    f = jnp.sum(eq, dtype=_count_dtype())
-    return jnp.where((cand <= size) & (f < r), cand, p)
+    kk = keys.refresh(p)
+    branches = [lambda c, li=li: kk.count(li, lambda key, idx: (key == t) & (idx() < c)) for li in range(n)]
+    f = lax.switch(which, branches, cand)
+    return jnp.where((cand <= size_w) & (f < r), cand, p)
 
-  p = lax.fori_loop(0, nb, step, jnp.zeros((), jnp.int32))
-  return p + 1
+  return lax.fori_loop(0, nb, step, jnp.zeros((), jnp.int32)) + 1
 
 
-def _threshold(keys, eligible, k, digit_bits):
+_METHODS = ("auto", "radix", "bisect")
+
+
+def _threshold(keys, k, method="auto", radix_bits=16):
   n = len(keys)
   cdt = _count_dtype()
-  k = jnp.asarray(k, cdt)
-  t = _select_key(keys, eligible, k, digit_bits)
-  gt = []
-  eq = []
-  for key, el in zip(keys, eligible):
-    g = key > t
-    e = key == t
-    if el is not None:
-      g, e = g & el, e & el
-    gt.append(jnp.sum(g, dtype=cdt))
-    eq.append(jnp.sum(e, dtype=cdt))
-  gt = jnp.stack(gt)
-  eq = jnp.stack(eq)
-  total_eq = jnp.sum(eq)
-  r = jnp.clip(k - jnp.sum(gt), 0, total_eq)
-  before = jnp.cumsum(eq) - eq  # over leaves (a short vector of scalars)
-  r_l = jnp.clip(r - before, 0, eq)
-  sizes_py = [int(np.prod(key.shape)) for key in keys]
+  k = jnp.maximum(jnp.asarray(k, cdt), 0)
+  sizes_py = [int(np.prod(shape)) for shape in keys.shapes]
+  if method not in _METHODS:
+    raise ValueError(f"global selection: method must be one of {_METHODS}, got {method!r}.")
+  if method == "auto":
+    method = "radix" if sum(sizes_py) > (1 << 16) else "bisect"
+  if method == "radix":
+    t, gt, total_eq = _radix_select(keys, k, radix_bits)
+  else:
+    t, gt, total_eq = _bisect_select(keys, k)
+  r = jnp.clip(k - gt, 0, total_eq)  # ties to keep
   sizes = jnp.asarray(sizes_py, jnp.int32)
-  # Cutoffs for leaves with all or none of their ties kept are trivial.
-  trivial = jnp.where(r_l >= eq, sizes, 0).astype(jnp.int32)
-  partial = (r_l > 0) & (r_l < eq)
-  which = jnp.where(jnp.any(partial), jnp.argmax(partial), n).astype(jnp.int32)
 
-  def make_branch(i):
-    def branch():
-      c = _tie_cutoff(keys[i], eligible[i], t, r_l[i], sizes_py[i])
-      return trivial.at[i].set(c)
-    return branch
+  def none_kept():
+    return jnp.zeros((n,), jnp.int32)
 
-  branches = [make_branch(i) for i in range(n)] + [lambda: trivial]
-  cutoffs = lax.switch(which, branches)
-  return t, cutoffs, jnp.sum(gt) + r
+  def all_kept():
+    return sizes
+
+  def some_kept():
+    kk = keys.refresh(r)
+    eq = []
+    for i in range(n):
+      eq.append(kk.count(i, lambda key, idx: key == t, eq[-1] if eq else None))
+    eq = jnp.stack(eq)
+    before = jnp.cumsum(eq) - eq  # over leaves: a short vector of scalars
+    r_l = jnp.clip(r - before, 0, eq)
+    cut = jnp.where(r_l >= eq, sizes, 0).astype(jnp.int32)
+    partial = (r_l > 0) & (r_l < eq)
+    which = jnp.argmax(partial).astype(jnp.int32)  # exactly one leaf is partial here
+    return cut.at[which].set(_tie_cutoffs(kk, t, r_l, which))
+
+  case = jnp.where(r >= total_eq, 1, jnp.where(r == 0, 0, 2))
+  cutoffs = lax.switch(case, [none_kept, all_kept, some_kept])
+  return t, cutoffs, gt + r
 
 
 def _k_from(k_or_density, k, density, total):
@@ -278,7 +393,7 @@ def _k_from(k_or_density, k, density, total):
   return num_to_keep(total, density)
 
 
-def _flatten(scores, masks):
+def _flatten(scores, masks, score_fn=None):
   s_paths, s_leaves = [], []
   for p, leaf in jax.tree_util.tree_flatten_with_path(scores)[0]:
     s_paths.append(_paths.path_str(p))
@@ -286,7 +401,7 @@ def _flatten(scores, masks):
   if not s_leaves:
     raise ValueError("global selection: the score tree has no leaves.")
   for p, leaf in zip(s_paths, s_leaves):
-    dt = jnp.result_type(leaf)
+    dt = jnp.result_type(leaf) if score_fn is None else jax.eval_shape(score_fn, leaf).dtype
     if jnp.issubdtype(dt, jnp.complexfloating):
       raise TypeError(f"global selection: scores at '{p}' are complex ({dt}); pass real scores such as |x|.")
   if masks is None:
@@ -309,7 +424,7 @@ def _flatten(scores, masks):
 
 
 def global_threshold(scores: Any, k_or_density=None, *, k=None, density=None, masks: Any = None,
-                     digit_bits: int = 1) -> GlobalThreshold:
+                     score_fn=None, method: str = "auto", radix_bits: int = 16) -> GlobalThreshold:
   """Exact global top-k threshold over all leaves of ``scores``, by reductions.
 
   Args:
@@ -320,7 +435,14 @@ def global_threshold(scores: Any, k_or_density=None, *, k=None, density=None, ma
     density: fraction of all score elements to keep (may be traced).
     masks: optional eligibility tree (bool arrays, None = all eligible): only
       eligible elements compete and can be kept.
-    digit_bits: radix digit width; 1 = bisection (one fused count per step).
+    score_fn: optional elementwise function applied to each leaf to get the
+      scores (e.g. ``jnp.abs`` with params as ``scores``); it is fused into
+      every pass so no full-size score tree is materialised.
+    method: ``"radix"`` (``32 / radix_bits`` histogram passes; temporaries of
+      up to 8 bytes per element of the largest leaf), ``"bisect"`` (one fused
+      count per key bit, 32 passes, no temporaries) or ``"auto"`` (radix above
+      65536 candidates). Both give identical results.
+    radix_bits: digit width of the radix method (8 or 16).
 
   Returns:
     A :class:`GlobalThreshold`.
@@ -330,18 +452,16 @@ def global_threshold(scores: Any, k_or_density=None, *, k=None, density=None, ma
   >>> [int(c) for c in th.cutoffs], int(th.count)
   ([2, 1], 2)
   """
-  _, leaves, eligible = _flatten(scores, masks)
+  _, leaves, eligible = _flatten(scores, masks, score_fn)
   total = sum(int(np.prod(np.shape(x))) for x in leaves)
   kk = _k_from(k_or_density, k, density, total)
-  keys = [ordered_keys(x) for x in leaves]
-  if len({kk_.dtype for kk_ in keys}) > 1:
-    keys = [x.astype(jnp.uint64) for x in keys]
-  t, cutoffs, count = _threshold(keys, eligible, kk, digit_bits)
+  keys = _LazyKeys(leaves, eligible, score_fn)
+  t, cutoffs, count = _threshold(keys, kk, method, radix_bits)
   return GlobalThreshold(t, tuple(cutoffs[i] for i in range(len(keys))), count)
 
 
 def global_topk_masks(scores: Any, k_or_density=None, *, k=None, density=None, masks: Any = None,
-                      digit_bits: int = 1) -> Any:
+                      score_fn=None, method: str = "auto", radix_bits: int = 16) -> Any:
   """Boolean masks keeping the exact global top-k scores across all leaves.
 
   Ties are broken by leaf order (``jax.tree`` order), then lower flat index.
@@ -354,7 +474,11 @@ def global_topk_masks(scores: Any, k_or_density=None, *, k=None, density=None, m
     k: number kept (may be traced).
     density: fraction of all score elements kept (may be traced).
     masks: optional eligibility tree; ineligible elements are never kept.
-    digit_bits: radix digit width (1 = bisection).
+    score_fn: optional elementwise function applied to each leaf to get the
+      scores (e.g. ``jnp.abs`` with params as ``scores``); it is fused into
+      every pass so no full-size score tree is materialised.
+    method: ``"auto"``, ``"radix"`` or ``"bisect"`` (see :func:`global_threshold`).
+    radix_bits: digit width of the radix method (8 or 16).
 
   Returns:
     Tree of bool arrays shaped like ``scores``.
@@ -364,15 +488,14 @@ def global_topk_masks(scores: Any, k_or_density=None, *, k=None, density=None, m
   >>> m['a'].tolist(), m['b'].tolist()
   ([True, False], [True, False])
   """
-  _, leaves, eligible = _flatten(scores, masks)
+  _, leaves, eligible = _flatten(scores, masks, score_fn)
   total = sum(int(np.prod(np.shape(x))) for x in leaves)
   kk = _k_from(k_or_density, k, density, total)
-  keys = [ordered_keys(x) for x in leaves]
-  if len({x.dtype for x in keys}) > 1:
-    keys = [x.astype(jnp.uint64) for x in keys]
-  t, cutoffs, _ = _threshold(keys, eligible, kk, digit_bits)
+  keys = _LazyKeys(leaves, eligible, score_fn)
+  t, cutoffs, _ = _threshold(keys, kk, method, radix_bits)
   out = []
-  for i, (key, el) in enumerate(zip(keys, eligible)):
+  for i in range(len(keys)):
+    key, el = keys.key_after(i, cutoffs)  # elementwise: fused, no temporaries
     m = (key > t) | ((key == t) & (_leaf_iota(key.shape) < cutoffs[i]))
     if el is not None:
       m = m & el
