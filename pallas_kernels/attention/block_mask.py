@@ -2,10 +2,10 @@
 
 A :class:`BlockMask` follows FlexAttention's layout. For every mask batch row
 ``b < B'``, mask head ``h < H'`` and q-block ``i`` it lists the visited
-kv-blocks in two sorted, padded lists: *full* blocks (every token pair
-attends, no token-level masking) and *partial* blocks (the token-level
-:class:`~pallas_kernels.attention.mask_fns.MaskMod` and the sequence bounds are
-evaluated inside the block). The transposed lists (for each kv-block, the
+kv-blocks in two sorted, padded lists: *full* blocks (every in-bounds token
+pair attends, no token-level masking) and *partial* blocks (the token-level
+:class:`~pallas_kernels.attention.mask_fns.MaskMod` is evaluated inside the
+block). Keys past ``kv_len`` in a ragged last kv-block are always masked. The transposed lists (for each kv-block, the
 q-blocks that visit it) drive the dK/dV backward pass.
 
 Broadcasting: ``B'`` is 1 or the batch size; ``H'`` divides the number of query
