@@ -225,6 +225,9 @@ def _err_tree(msg_prefix: str, masks: Any, params: Any) -> None:
   sm, sp = set(mp), set(pp)
   for p in pp:
     if p not in sm:
+      if any(q.startswith(p + "/") for q in mp):
+        raise TypeError(f"{msg_prefix}: mask at '{p}' is a subtree (e.g. a list), expected a bool array or None. "
+                        f"Convert it with jnp.asarray(mask, bool).")
       raise ValueError(f"{msg_prefix}: mask tree has no leaf '{p}' (params have it). "
                        f"Build masks with init_masks(params) or put None there for a dense leaf.")
   for p in mp:
@@ -241,7 +244,7 @@ def validate_masks(masks: Any, params: Any) -> None:
   Raises:
     ValueError: structure mismatch or a mask shape differing from its param
       (the message names the leaf path).
-    TypeError: a mask leaf that is not a bool array (names the leaf path).
+    TypeError: a mask leaf that is not a bool array or None (names the leaf path).
 
   >>> import jax.numpy as jnp
   >>> validate_masks({'w': jnp.ones(2, bool)}, {'w': jnp.zeros(3)})
