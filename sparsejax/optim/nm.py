@@ -29,9 +29,60 @@ from sparsejax import schedules
 from sparsejax.core import masks as core_masks
 from sparsejax.core import patterns as core_patterns
 from sparsejax.core import paths as core_paths
+from sparsejax.core import selection as core_selection
 from sparsejax.optim.wrapper import MaskPolicy, selected_masks, sparse_wrapper
 
-__all__ = ["nm_training", "ste", "srste"]
+__all__ = ["nm_training", "ste", "srste", "nm_select"]
+
+
+def _pick(keys, eligible, iota, largest: bool):
+  """Index of the best eligible entry along the last axis, by one reduction.
+
+  Largest key (ties: lowest index) or smallest key (ties: highest index).
+  Each entry is read once, so the choice is consistent even when XLA fuses and
+  recomputes the keys' producer with different rounding in other places.
+  """
+  def better(a, b):
+    ka, ea, ia = a
+    kb, eb, ib = b
+    if largest:
+      key_wins = (kb > ka) | ((kb == ka) & (ib < ia))
+    else:
+      key_wins = (kb < ka) | ((kb == ka) & (ib > ia))
+    take_b = (eb & ~ea) | ((eb == ea) & key_wins)
+    return (jnp.where(take_b, kb, ka), jnp.where(take_b, eb, ea), jnp.where(take_b, ib, ia))
+
+  init = (jnp.zeros((), keys.dtype), jnp.asarray(False), jnp.asarray(-1, jnp.int32))
+  _, _, idx = lax.reduce((keys, eligible, iota), init, better, (keys.ndim - 1,))
+  return idx
+
+
+def nm_select(scores: jax.Array, n: int, m: int, *, axis: int = -2) -> jax.Array:
+  """N:M mask built by ``min(n, m - n)`` argmax/argmin reductions per group.
+
+  Same result as :func:`sparsejax.core.patterns.nm_mask` (largest ``n`` of
+  each group of ``m`` along ``axis``; ties: lower index wins; NaN lowest), but
+  every group holds exactly ``n`` kept entries by construction, even inside
+  large jitted programs where XLA recomputes a fused producer of ``scores``
+  with different rounding in different places (observed on CPU).
+
+  >>> nm_select(jnp.array([[4., 1., 2., 3.]]), 2, 4, axis=-1).tolist()
+  [[True, False, False, True]]
+  """
+  core_patterns.NM(n, m, axis)._check_shape(None, jnp.shape(scores))  # pylint: disable=protected-access
+  keys = core_selection.ordered_keys(scores)
+  ax = axis % keys.ndim
+  x = jnp.moveaxis(keys, ax, -1)
+  shp = x.shape
+  g = x.reshape(shp[:-1] + (shp[-1] // m, m))
+  iota = lax.broadcasted_iota(jnp.int32, g.shape, g.ndim - 1)
+  largest = n <= m - n
+  chosen = jnp.zeros(g.shape, bool)
+  for _ in range(n if largest else m - n):
+    idx = _pick(g, ~chosen, iota, largest)
+    chosen = chosen | (iota == idx[..., None])
+  keep = chosen if largest else ~chosen
+  return jnp.moveaxis(keep.reshape(shp), -1, ax)
 
 
 def _static_int(name: str, value: Any) -> int:
@@ -95,7 +146,7 @@ def nm_training(
     schedules.check_range("finetune_start", finetune_start, 0, math.inf)
   axis = -2 if axis is None else _static_int("axis", axis)
 
-  makers = [functools.partial(core_patterns.nm_mask, n=n, m=m, axis=axis) for _, (n, m) in pats]
+  makers = [functools.partial(nm_select, n=n, m=m, axis=axis) for _, (n, m) in pats]
 
   def starts():
     return jnp.stack([jnp.asarray(s, jnp.int32) for s, _ in pats])

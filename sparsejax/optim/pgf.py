@@ -73,13 +73,13 @@ def mdgf(inner: optax.GradientTransformation, *, nm="2:4", rate, kind: str = "li
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
 
-  >>> import jax.numpy as jnp, optax
+  >>> import jax, jax.numpy as jnp, optax
   >>> from sparsejax.optim import get_beta
   >>> tx = mdgf(optax.sgd(0.1), nm="1:2", rate=0.25)
   >>> p = {'w': jnp.ones((2, 2))}
-  >>> s = tx.init(p)
+  >>> s, update = tx.init(p), jax.jit(tx.update)
   >>> for _ in range(2):
-  ...   _, s = tx.update({'w': jnp.zeros((2, 2))}, s, p)
+  ...   _, s = update({'w': jnp.zeros((2, 2))}, s, p)
   >>> float(get_beta(s))
   0.5
   """
@@ -129,15 +129,14 @@ def sdgf(inner: optax.GradientTransformation, *, nm="1:8", kind: str = "stepwise
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
 
-  >>> import jax.numpy as jnp, optax
+  >>> import jax, jax.numpy as jnp, optax
   >>> from sparsejax.optim import get_target_sparsity
   >>> tx = sdgf(optax.sgd(0.1), nm="1:4", total_steps=4)
   >>> p = {'w': jnp.ones((4, 2))}
-  >>> s = tx.init(p)
-  >>> out = []
+  >>> s, update, out = tx.init(p), jax.jit(tx.update), []
   >>> for _ in range(4):
   ...   out.append(float(get_target_sparsity(s)))
-  ...   _, s = tx.update({'w': jnp.zeros((4, 2))}, s, p)
+  ...   _, s = update({'w': jnp.zeros((4, 2))}, s, p)
   >>> out
   [0.25, 0.5, 0.75, 0.75]
   """

@@ -119,9 +119,9 @@ def gradual_magnitude_pruning(
   >>> import jax.numpy as jnp, optax
   >>> tx = gradual_magnitude_pruning(optax.sgd(0.0), sparsity=0.5, end_step=2, frequency=1)
   >>> p = {'w': jnp.arange(1., 9.).reshape(4, 2)}
-  >>> s = tx.init(p)
+  >>> s, update = tx.init(p), jax.jit(tx.update)
   >>> for _ in range(3):
-  ...   u, s = tx.update(jax.tree.map(jnp.zeros_like, p), s, p)
+  ...   u, s = update(jax.tree.map(jnp.zeros_like, p), s, p)
   ...   p = optax.apply_updates(p, u)
   >>> p['w'].ravel().tolist()
   [0.0, 0.0, 0.0, 0.0, 5.0, 6.0, 7.0, 8.0]

@@ -202,10 +202,10 @@ def sparse_wrapper(inner: optax.GradientTransformation | None, policy: MaskPolic
       is_upd = jnp.asarray(policy.is_update_step(step), bool)
 
       def do_update(operands):
-        old, kd = operands
+        old, kd, p, g = operands
         k, sub = jax.random.split(_wrap_key(kd))
-        new, new_grown = policy.update_masks(step, old, params, updates, sub)
-        ok = _all_finite(updates)
+        new, new_grown = policy.update_masks(step, old, p, g, sub)
+        ok = _all_finite(g)
         new = jax.tree.map(lambda n, o: None if o is None else jnp.where(ok, n, o),
                            new, old, is_leaf=_is_none)
         if policy.regrows:
@@ -216,10 +216,13 @@ def sparse_wrapper(inner: optax.GradientTransformation | None, policy: MaskPolic
         return new, new_grown, jax.random.key_data(k)
 
       def no_update(operands):
-        old, kd = operands
+        old, kd, _, _ = operands
         return old, (_no_grown(old) if policy.regrows else None), kd
 
-      masks, grown, key_data = lax.cond(is_upd, do_update, no_update, (masks, key_data))
+      # As cond operands, params and grads are materialised once, so the
+      # selection passes inside the branch all see the same values.
+      operands = (masks, key_data, params, updates)
+      masks, grown, key_data = lax.cond(is_upd, do_update, no_update, operands)
       target = jnp.where(is_upd, jnp.asarray(policy.target(step), jnp.float32), target)
 
     hard_now = hard(step) if callable(hard) else hard
@@ -272,6 +275,8 @@ def sparse_wrapper(inner: optax.GradientTransformation | None, policy: MaskPolic
     # 5. next forward masks (STE-like)
     new_step = optax.safe_increment(step)
     if policy.forward_masks is not None:
+      # (The N:M selection reads each entry once per reduction, so it stays
+      # exact even though XLA may recompute p + u with different rounding.)
       new_params = optax.apply_updates(params, out)
       masks = policy.forward_masks(new_step, new_params, masks)
       target = jnp.asarray(policy.target(new_step), jnp.float32)

@@ -1,0 +1,161 @@
+"""Overhead of sparsejax.optim transformations on a jitted training step.
+
+A 4-layer, 1024-wide MLP (about 4.2M parameters) trained with Adam: each
+sparsity transformation wrapped around ``optax.adam`` against plain
+``optax.adam``, measured in the same process, interleaved, on whatever device
+JAX picks (CPU by default). Two figures per method:
+
+* ordinary step: a step on which the masks do not change;
+* mask-update step: a step on which they do (pruning, drop-and-grow).
+
+STE-like methods (STE, SR-STE, MDGF, SDGF) and gradient masking recompute
+their masks on every step, so they only have one kind of step.
+
+Targets: <= 1.05x on ordinary steps, <= 3x on mask-update steps.
+
+    python benchmarks/step_overhead.py [--batch 256] [--rounds 7]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import optax
+
+import sparsejax.optim as so
+
+
+def make_params(width: int, depth: int, key):
+  keys = jax.random.split(key, depth)
+  return {f"fc{i}": {"kernel": jax.random.normal(k, (width, width)) / jnp.sqrt(width),
+                     "bias": jnp.zeros(width)} for i, k in enumerate(keys)}
+
+
+def mlp(params, x):
+  n = len(params)
+  for i in range(n):
+    x = x @ params[f"fc{i}"]["kernel"] + params[f"fc{i}"]["bias"]
+    if i < n - 1:
+      x = jax.nn.relu(x)
+  return x
+
+
+def methods(total: int):
+  """name -> (factory(inner), update step or None, ordinary step)."""
+  every = 100
+  return {
+      "gradual magnitude pruning": (lambda o: so.gradual_magnitude_pruning(
+          o, sparsity=0.9, end_step=total, frequency=every), every, every + 1),
+      "one-shot pruning": (lambda o: so.one_shot_pruning(o, sparsity=0.9, step=every),
+                           every, every + 1),
+      "static ERK": (lambda o: so.static_sparse(o, sparsity=0.9), None, 1),
+      "SET": (lambda o: so.set_training(o, sparsity=0.9, update_every=every, end_step=total),
+              every, every + 1),
+      "RigL": (lambda o: so.rigl(o, sparsity=0.9, update_every=every, end_step=total),
+               every, every + 1),
+      "STE 2:4": (lambda o: so.ste(o, nm="2:4"), None, 1),
+      "SR-STE 2:4": (lambda o: so.srste(o, nm="2:4"), None, 1),
+      "MDGF 1:8": (lambda o: so.mdgf(o, nm="1:8", rate=1e-3), None, 1),
+      "SDGF 1:8": (lambda o: so.sdgf(o, nm="1:8", total_steps=total), None, 1),
+      "gradient masking 50%": (lambda o: so.gradient_masking(o, fraction=0.5), None, 1),
+  }
+
+
+def build_step(tx, uses_forward):
+  def loss(params, state, x, y):
+    p = so.forward_params(params, state) if uses_forward else params
+    return jnp.mean((mlp(p, x) - y) ** 2)
+
+  @jax.jit
+  def step(params, state, x, y):
+    g = jax.grad(loss)(params, state, x, y)
+    u, state = tx.update(g, state, params)
+    return optax.apply_updates(params, u), state
+  return step
+
+
+def with_step(state, t):
+  """The same optimizer state at sparse step ``t`` (to time a chosen step kind)."""
+  def fix(s):
+    if isinstance(s, so.SparseState):
+      return s._replace(sparse_step=jnp.asarray(t, jnp.int32))
+    return s
+  return jax.tree.map(fix, state, is_leaf=lambda s: isinstance(s, so.SparseState))
+
+
+def timeit(fn, args, calls: int) -> float:
+  jax.block_until_ready(fn(*args))
+  t0 = time.perf_counter()
+  for _ in range(calls):
+    out = fn(*args)
+  jax.block_until_ready(out)
+  return (time.perf_counter() - t0) / calls
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--batch", type=int, default=256, help="batch size (default 256)")
+  ap.add_argument("--width", type=int, default=1024, help="MLP width (default 1024)")
+  ap.add_argument("--depth", type=int, default=4, help="number of Dense layers (default 4)")
+  ap.add_argument("--rounds", type=int, default=7,
+                  help="interleaved timing rounds; the median is reported (default 7)")
+  ap.add_argument("--calls", type=int, default=10, help="steps per timing (default 10)")
+  ap.add_argument("--only", default=None, help="substring filter on method names")
+  args = ap.parse_args()
+
+  key = jax.random.key(0)
+  params = make_params(args.width, args.depth, key)
+  x = jax.random.normal(jax.random.key(1), (args.batch, args.width))
+  y = jax.random.normal(jax.random.key(2), (args.batch, args.width))
+  n_params = sum(p.size for p in jax.tree.leaves(params))
+  print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), "
+        f"jax {jax.__version__}, MLP {args.depth}x{args.width} ({n_params / 1e6:.1f}M params), "
+        f"batch {args.batch}, median of {args.rounds} rounds x {args.calls} steps")
+
+  base_tx = optax.adam(1e-3)
+  base_step = build_step(base_tx, False)
+  base_state = base_tx.init(params)
+
+  rows = []
+  for name, (factory, upd_t, ord_t) in methods(1000).items():
+    if args.only and args.only.lower() not in name.lower():
+      continue
+    tx = factory(optax.adam(1e-3))
+    state = tx.init(params)
+    uses_forward = any(k in name for k in ("STE", "MDGF", "SDGF"))
+    step = build_step(tx, uses_forward)
+    kinds = {"ordinary": with_step(state, ord_t)} if isinstance(
+        jax.tree.leaves(state, is_leaf=lambda s: isinstance(s, so.SparseState))[0],
+        so.SparseState) else {"ordinary": state}
+    if upd_t is not None:
+      kinds["mask update"] = with_step(state, upd_t)
+    res = {k: [] for k in kinds}
+    base_times = []
+    for _ in range(args.rounds):
+      base_times.append(timeit(base_step, (params, base_state, x, y), args.calls))
+      for k, st in kinds.items():
+        res[k].append(timeit(step, (params, st, x, y), args.calls))
+    b = statistics.median(base_times)
+    row = {"method": name, "base_ms": b * 1e3}
+    for k, v in res.items():
+      row[k] = statistics.median(v) / b
+    rows.append(row)
+    extra = f"  mask-update {row['mask update']:.2f}x" if "mask update" in row else ""
+    print(f"{name:28s} adam {b * 1e3:7.2f} ms  ordinary {row['ordinary']:.3f}x{extra}",
+          flush=True)
+
+  print()
+  print("| method | ordinary step / adam | mask-update step / adam |")
+  print("|---|---|---|")
+  for r in rows:
+    mu = f"{r['mask update']:.2f}x" if "mask update" in r else "(every step)"
+    print(f"| {r['method']} | {r['ordinary']:.3f}x | {mu} |")
+
+
+if __name__ == "__main__":
+  main()
