@@ -13,6 +13,7 @@ leaf's shape and requested sparsity and names the leaf path in its errors.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -147,7 +148,11 @@ def nm_mask(scores: jax.Array, n: int, m: int, *, axis: int = -2, path: str | No
   """
   NM(n, m, axis)._check_shape(path, np.shape(scores))
   scores = _as_real("nm_mask", scores, path)
-  ax = axis % scores.ndim
+  return _nm_core(scores, n, m, axis % scores.ndim)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _nm_core(scores, n, m, ax):
   keys = _sel.ordered_keys(scores)
   x = jnp.moveaxis(keys, ax, -1)
   shp = x.shape

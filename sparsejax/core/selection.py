@@ -15,7 +15,8 @@ holds it (never by a cumsum over a sharded axis).
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Sequence
+import functools
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -128,7 +129,12 @@ def num_to_keep(size: int, density, *, minimum: int = 1) -> jax.Array:
   size = int(size)
   if size >= 2**31:
     raise ValueError(f"num_to_keep: size {size} >= 2**31 is not supported.")
-  d = jnp.clip(jnp.asarray(density, jnp.float32), 0.0, 1.0)
+  return _num_to_keep(size, jnp.asarray(density, jnp.float32), int(minimum))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2))
+def _num_to_keep(size, density, minimum):
+  d = jnp.clip(density, 0.0, 1.0)
   dq = jnp.round(d * jnp.float32(2.0**31)).astype(jnp.uint32)
   k = _mulhi_round(size, dq, 31).astype(jnp.int32)
   return jnp.clip(k, min(minimum, size), size).astype(_count_dtype())
@@ -294,7 +300,9 @@ def _radix_select(keys, k, bits):
         valid = el if valid is None else valid & el
       if valid is not None:
         d = jnp.where(valid, d, nb)  # out of range: dropped
-      h = h.at[d].add(jnp.ones((), cdt), mode="drop")
+      # The update's broadcast is per leaf and pass too (a shared constant would stay live).
+      one = jnp.asarray(1, cdt) + _opaque_zero(h).astype(cdt)
+      h = h.at[d].add(one, mode="drop")
     suffix = jnp.cumsum(h[::-1])[::-1]  # suffix[j] = count(digit >= j) among candidates
     suffix = jnp.concatenate([suffix, jnp.zeros((1,), cdt)])
     j = jnp.maximum(jnp.sum(suffix[:nb] >= k_rem, dtype=jnp.int32) - 1, 0)
@@ -455,9 +463,9 @@ def global_threshold(scores: Any, k_or_density=None, *, k=None, density=None, ma
   _, leaves, eligible = _flatten(scores, masks, score_fn)
   total = sum(int(np.prod(np.shape(x))) for x in leaves)
   kk = _k_from(k_or_density, k, density, total)
-  keys = _LazyKeys(leaves, eligible, score_fn)
-  t, cutoffs, count = _threshold(keys, kk, method, radix_bits)
-  return GlobalThreshold(t, tuple(cutoffs[i] for i in range(len(keys))), count)
+  _check_method(method, radix_bits)
+  t, cutoffs, count = _run(leaves, eligible, kk, score_fn, method, radix_bits, False)
+  return GlobalThreshold(t, tuple(cutoffs[i] for i in range(len(leaves))), count)
 
 
 def global_topk_masks(scores: Any, k_or_density=None, *, k=None, density=None, masks: Any = None,
@@ -491,8 +499,25 @@ def global_topk_masks(scores: Any, k_or_density=None, *, k=None, density=None, m
   _, leaves, eligible = _flatten(scores, masks, score_fn)
   total = sum(int(np.prod(np.shape(x))) for x in leaves)
   kk = _k_from(k_or_density, k, density, total)
+  _check_method(method, radix_bits)
+  out = _run(leaves, eligible, kk, score_fn, method, radix_bits, True)
+  return jax.tree.unflatten(jax.tree.structure(scores), out)
+
+
+def _check_method(method, radix_bits):
+  if method not in _METHODS:
+    raise ValueError(f"global selection: method must be one of {_METHODS}, got {method!r}.")
+  if radix_bits not in (4, 8, 16):
+    raise ValueError(f"global selection: radix_bits must be 4, 8 or 16, got {radix_bits!r}.")
+
+
+@functools.partial(jax.jit, static_argnames=("score_fn", "method", "radix_bits", "want_masks"))
+def _run(leaves, eligible, k, score_fn, method, radix_bits, want_masks):
+  """Jitted core (inlined under an outer jit; compiled once per shape when eager)."""
   keys = _LazyKeys(leaves, eligible, score_fn)
-  t, cutoffs, _ = _threshold(keys, kk, method, radix_bits)
+  t, cutoffs, count = _threshold(keys, k, method, radix_bits)
+  if not want_masks:
+    return t, cutoffs, count
   out = []
   for i in range(len(keys)):
     key, el = keys.key_after(i, cutoffs)  # elementwise: fused, no temporaries
@@ -500,5 +525,4 @@ def global_topk_masks(scores: Any, k_or_density=None, *, k=None, density=None, m
     if el is not None:
       m = m & el
     out.append(m)
-  treedef = jax.tree.structure(scores)
-  return jax.tree.unflatten(treedef, out)
+  return out
