@@ -35,12 +35,10 @@ from sparsejax.optim.wrapper import MaskPolicy, selected_masks, sparse_wrapper
 __all__ = ["nm_training", "ste", "srste", "nm_select"]
 
 
-def _pick(keys, eligible, iota, largest: bool):
-  """Index of the best eligible entry along the last axis, by one reduction.
+def _pick(keys, eligible, iota, largest: bool, axis: int):
+  """Index of the best eligible entry along ``axis``, by one variadic reduction.
 
   Largest key (ties: lowest index) or smallest key (ties: highest index).
-  Each entry is read once, so the choice is consistent even when XLA fuses and
-  recomputes the keys' producer with different rounding in other places.
   """
   def better(a, b):
     ka, ea, ia = a
@@ -53,18 +51,33 @@ def _pick(keys, eligible, iota, largest: bool):
     return (jnp.where(take_b, kb, ka), jnp.where(take_b, eb, ea), jnp.where(take_b, ib, ia))
 
   init = (jnp.zeros((), keys.dtype), jnp.asarray(False), jnp.asarray(-1, jnp.int32))
-  _, _, idx = lax.reduce((keys, eligible, iota), init, better, (keys.ndim - 1,))
-  return idx
+  _, _, idx = lax.reduce((keys, eligible, iota), init, better, (axis,))
+  return jnp.expand_dims(idx, axis)
+
+
+def _pick_unrolled(slices, chosen, largest: bool):
+  """The same choice as :func:`_pick` over ``m`` slices, as one elementwise tournament."""
+  best_k, best_e = slices[0], ~chosen[0]
+  best_i = jnp.zeros(slices[0].shape, jnp.int32)
+  for j in range(1, len(slices)):
+    k, e = slices[j], ~chosen[j]
+    key_wins = (k > best_k) if largest else (k <= best_k)  # ties: lower / higher index
+    take = (e & ~best_e) | ((e == best_e) & key_wins)
+    best_k = jnp.where(take, k, best_k)
+    best_e = jnp.where(take, e, best_e)
+    best_i = jnp.where(take, j, best_i)
+  return best_i
 
 
 def nm_select(scores: jax.Array, n: int, m: int, *, axis: int = -2) -> jax.Array:
-  """N:M mask built by ``min(n, m - n)`` argmax/argmin reductions per group.
+  """N:M mask built by ``min(n, m - n)`` selection passes per group.
 
   Same result as :func:`sparsejax.core.patterns.nm_mask` (largest ``n`` of
   each group of ``m`` along ``axis``; ties: lower index wins; NaN lowest), but
-  every group holds exactly ``n`` kept entries by construction, even inside
-  large jitted programs where XLA recomputes a fused producer of ``scores``
-  with different rounding in different places (observed on CPU).
+  each pass picks one not-yet-chosen index per group, so every group holds
+  exactly ``n`` entries by construction -- even inside large jitted programs
+  where XLA recomputes a fused producer of ``scores`` with different rounding
+  in different places (observed on CPU with pairwise-rank selection).
 
   >>> nm_select(jnp.array([[4., 1., 2., 3.]]), 2, 4, axis=-1).tolist()
   [[True, False, False, True]]
@@ -72,17 +85,25 @@ def nm_select(scores: jax.Array, n: int, m: int, *, axis: int = -2) -> jax.Array
   core_patterns.NM(n, m, axis)._check_shape(None, jnp.shape(scores))  # pylint: disable=protected-access
   keys = core_selection.ordered_keys(scores)
   ax = axis % keys.ndim
-  x = jnp.moveaxis(keys, ax, -1)
-  shp = x.shape
-  g = x.reshape(shp[:-1] + (shp[-1] // m, m))
-  iota = lax.broadcasted_iota(jnp.int32, g.shape, g.ndim - 1)
+  shp = keys.shape
+  g = keys.reshape(shp[:ax] + (shp[ax] // m, m) + shp[ax + 1:])  # groups on axis ax + 1
+  gax = ax + 1
   largest = n <= m - n
-  chosen = jnp.zeros(g.shape, bool)
-  for _ in range(n if largest else m - n):
-    idx = _pick(g, ~chosen, iota, largest)
-    chosen = chosen | (iota == idx[..., None])
-  keep = chosen if largest else ~chosen
-  return jnp.moveaxis(keep.reshape(shp), -1, ax)
+  passes = n if largest else m - n
+  if m <= 16:
+    slices = [lax.index_in_dim(g, j, gax, keepdims=False) for j in range(m)]
+    chosen = [jnp.zeros(slices[0].shape, bool) for _ in range(m)]
+    for _ in range(passes):
+      idx = _pick_unrolled(slices, chosen, largest)
+      chosen = [c | (idx == j) for j, c in enumerate(chosen)]
+    picked = jnp.stack(chosen, axis=gax)
+  else:
+    iota = lax.broadcasted_iota(jnp.int32, g.shape, gax)
+    picked = jnp.zeros(g.shape, bool)
+    for _ in range(passes):
+      picked = picked | (iota == _pick(g, ~picked, iota, largest, gax))
+  keep = picked if largest else ~picked
+  return keep.reshape(shp)
 
 
 def _static_int(name: str, value: Any) -> int:

@@ -1,0 +1,64 @@
+"""The main job (examples/compare_digits.py): CLI, outputs and quality on digits."""
+
+from __future__ import annotations
+
+import importlib.util
+import pathlib
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def load_demo():
+  spec = importlib.util.spec_from_file_location("compare_digits",
+                                                ROOT / "examples" / "compare_digits.py")
+  mod = importlib.util.module_from_spec(spec)
+  sys.modules["compare_digits"] = mod  # dataclasses look the module up
+  spec.loader.exec_module(mod)
+  return mod
+
+
+@pytest.mark.smoke
+def test_help_documents_flags(capsys):
+  demo = load_demo()
+  with pytest.raises(SystemExit) as e:
+    demo.main(["--help"])
+  assert e.value.code == 0
+  out = capsys.readouterr().out
+  for flag in ("--sparsity", "--steps", "--seed", "--out"):
+    assert flag in out
+
+
+def test_cli_writes_table_and_plot(tmp_path, capsys):
+  demo = load_demo()
+  out = tmp_path / "plot.png"
+  results = demo.main(["--steps", "40", "--only", "dense,static,sr-ste 1:8", "--out", str(out),
+                       "--no-progress", "--sparsity", "0.8"])
+  text = capsys.readouterr().out
+  assert out.exists() and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  assert [r.method for r in results] == ["dense", "static ERK 80%", "SR-STE 1:8"]
+  for r in results:
+    assert r.method in text
+    assert len(r.curve) == len(r.steps) and r.steps[-1] == 40
+  assert results[0].sparsity == 0.0
+  assert results[1].sparsity == pytest.approx(0.8, abs=2e-3)
+  assert results[2].sparsity == pytest.approx(0.875, abs=1e-6)
+  with pytest.raises(ValueError, match="sparsity"):
+    demo.run(steps=40, sparsity=1.2, progress=False)
+
+
+@pytest.mark.slow
+def test_quality_on_digits():
+  demo = load_demo()
+  res = {r.method: r for r in demo.run(steps=800, seed=0, progress=False,
+                                       only=["dense", "gradual", "rigl", "sr-ste 2:4"])}
+  dense = res["dense"].accuracy
+  assert dense > 0.95
+  assert res["gradual magnitude 90%"].sparsity == pytest.approx(0.9, abs=1e-3)
+  assert res["RigL 90%"].sparsity == pytest.approx(0.9, abs=2e-3)
+  assert res["SR-STE 2:4"].sparsity == pytest.approx(0.5, abs=1e-6)
+  assert res["gradual magnitude 90%"].accuracy >= dense - 0.03
+  assert res["RigL 90%"].accuracy >= dense - 0.03
+  assert res["SR-STE 2:4"].accuracy >= dense - 0.02
