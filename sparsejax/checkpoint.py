@@ -124,11 +124,8 @@ def _describe_leaf(names, leaf) -> _Leaf:
   """Kind, shape and dtype of one state (or target) leaf."""
   if leaf is None:
     return _Leaf(names, "none", (), "")
-  if isinstance(leaf, (bool, int, float, complex, np.generic)) and not (
-      isinstance(leaf, np.ndarray)):
-    arr = jnp.asarray(leaf)
-    kind = "scalar" if not isinstance(leaf, np.generic) else "array"
-    return _Leaf(names, kind, (), str(arr.dtype))
+  if isinstance(leaf, (bool, int, float, complex)):  # Python scalars.
+    return _Leaf(names, "scalar", (), str(jnp.asarray(leaf).dtype))
   if hasattr(leaf, "shape") and hasattr(leaf, "dtype"):
     kind = "key" if _is_key_dtype(leaf.dtype) else "array"
     return _Leaf(names, kind, tuple(int(d) for d in leaf.shape),
@@ -610,7 +607,7 @@ def restore_checkpoint(manager: ocp.CheckpointManager, target, *,
   leaves, desc, treedef = _flatten(target)
   _compare(layout["leaves"], desc, where)
   storage = _storage_names(desc)
-  default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   abstract = []
   for d, leaf in zip(desc, leaves):
     if d.kind == "none":
@@ -660,7 +657,9 @@ def restore_checkpoint(manager: ocp.CheckpointManager, target, *,
             f"{leaf.dtype}.")
     elif d.kind == "scalar" and isinstance(leaf, (bool, int, float, complex)):
       value = type(leaf)(np.asarray(value).item())
-    elif isinstance(leaf, (np.ndarray, np.generic)):
+    elif isinstance(leaf, np.generic):
+      value = np.asarray(value)[()]
+    elif isinstance(leaf, np.ndarray):
       value = np.asarray(value)
     out.append(value)
   return Restored(jax.tree_util.tree_unflatten(treedef, out), metadata, step)

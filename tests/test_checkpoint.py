@@ -113,7 +113,8 @@ def test_round_trip_is_exact(mngr):
 
 def test_restore_against_concrete_target_and_numpy_leaves(mngr):
   state = {"w": np.arange(6, dtype=np.int32).reshape(2, 3),
-           "m": np.array([True, False]), "x": jnp.float32(2.5)}
+           "m": np.array([True, False]), "x": jnp.float32(2.5),
+           "s": np.float32(1.5), "i": np.int32(-3), "flag": True, "f": 0.25}
   ckpt.save_checkpoint(mngr, 0, state)
   restored = ckpt.restore_checkpoint(mngr, state).state
   assert isinstance(restored["w"], np.ndarray)
