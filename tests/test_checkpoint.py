@@ -1,5 +1,6 @@
 """Tests of sparsejax.checkpoint: round trips, errors, corruption, crashes."""
 
+import doctest
 import glob
 import os
 import shutil
@@ -517,3 +518,8 @@ def test_flax_nnx_model_and_optimizer_state(tmp_path):
                   jax.tree.leaves(so.get_masks(opt.opt_state))):
     assert a.dtype == jnp.bool_
     np.testing.assert_array_equal(a, b)
+
+
+def test_doctests():
+  res = doctest.testmod(ckpt, optionflags=doctest.ELLIPSIS)
+  assert res.attempted > 5 and res.failed == 0

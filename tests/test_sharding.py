@@ -1,5 +1,7 @@
 """sparsejax.sharding: meshes, param / optimizer-state shardings, HLO checks."""
 
+import doctest
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -125,3 +127,8 @@ def test_collective_shapes_finds_gathers():
   reduced = jax.jit(jnp.sum).lower(x).compile()
   assert shd.collective_shapes(reduced) == []
   assert ("f32", ()) in shd.collective_shapes(reduced, "all-reduce")
+
+
+def test_doctests():
+  res = doctest.testmod(shd, optionflags=doctest.ELLIPSIS)
+  assert res.attempted > 5 and res.failed == 0
