@@ -136,19 +136,10 @@ def test_sharded_equals_single_device(case, mode):
       case == "apply_and_count")
 
 
-_JAX_012 = tuple(int(v) for v in jax.__version__.split(".")[:2]) >= (0, 12)
-_GATHER_BUG = pytest.mark.xfail(
-    _JAX_012, strict=True,
-    reason="core bug (jax>=0.12): sparsejax/core/selection.py _opaque_zero "
-    "takes jnp.ravel(leaf)[0] of the previous leaf's mask; on a sharded "
-    "multi-dim leaf the partitioner all-gathers the whole mask (fix: "
-    "x[(0,) * x.ndim])")
-
-
-@pytest.mark.parametrize("case, mode", [
-    pytest.param(c, m, marks=_GATHER_BUG) if (c, m) in (
-        ("global_topk", "fsdp"), ("prune_global", "tensor")) else (c, m)
-    for c, m in PARAMS])
+# Regression: with jax>=0.12, global selection once all-gathered the whole
+# mask of a sharded 4-D leaf (a data-dependence token took
+# ``jnp.ravel(mask)[0]``); fixed in sparsejax/core/selection.py.
+@pytest.mark.parametrize("case, mode", PARAMS)
 def test_no_all_gather_of_a_whole_array(case, mode):
   sh = _layout(mode)
   _, hlo = _sharded(case, mode)
