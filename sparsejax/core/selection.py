@@ -1,16 +1,27 @@
 """Exact, sharding-safe top-k selection across the leaves of a pytree.
 
 Global (cross-leaf) top-k never concatenates scores. Scores are mapped to an
-order-preserving unsigned-integer image (``ordered_keys``); the k-th largest key
-is then found by radix selection, each step a fused ``count(key >= candidate)``
-reduction per leaf summed over leaves. Reductions of sharded arrays compile to
-local reductions plus an all-reduce of a scalar, so no parameter is gathered and
-the final masks (elementwise comparisons) keep the scores' shardings.
+order-preserving unsigned-integer image (:func:`ordered_keys`) and the k-th
+largest key is found by radix selection over all leaves at once:
 
-Ties at the threshold are broken by (leaf order, flat index): the first tied
-elements win, exactly as if the leaves had been flattened and concatenated.
-The tie cut-off is found by bisection on counts inside the single leaf that
-holds it (never by a cumsum over a sharded axis).
+* ``method="radix"`` (default above 65536 candidates): a 20-bit then a 12-bit
+  digit pass; each pass scatter-adds the digit of every candidate key (whose
+  higher digits match the prefix found so far) into a histogram, leaf by leaf
+  (the last pass keeps one 4096-bin histogram per leaf, which also gives the
+  per-leaf tie counts). Under sharding each device histograms its shard and an
+  all-reduce of the histogram (4 MiB at most) follows.
+* ``method="bisect"``: 32 steps, each one fused ``count(key >= candidate)``
+  reduction per leaf, summed over leaves (an all-reduce of a scalar).
+
+Both are exact and give identical masks. Ties at the threshold are broken by
+(leaf order, flat index): the first tied elements win, exactly as if the leaves
+had been flattened and concatenated. The tie cut-off is found by bisection on
+counts inside the single leaf that holds it (never by a cumsum over a sharded
+axis). The final masks are elementwise comparisons, so they keep the scores'
+shardings and no parameter is ever gathered.
+
+Keys are recomputed inside every pass (never stored), so the extra memory is
+a few bytes per element of the largest leaf plus the masks themselves.
 """
 
 from __future__ import annotations
@@ -268,50 +279,89 @@ def _bisect_select(keys, k):
   return t, gt, eq
 
 
-def _radix_select(keys, k, bits):
-  """Same result as :func:`_bisect_select` with ``nbits / bits`` histogram passes.
+def _radix_schedule(nbits: int, bits: int | None) -> list[int]:
+  if bits is None:
+    return [20, 12] if nbits == 32 else [20, 20, 12, 12]
+  if bits not in (4, 8, 16) or nbits % bits:
+    raise ValueError(f"radix_bits must be None, 4, 8 or 16, got {bits}.")
+  return [bits] * (nbits // bits)
 
-  Pass i histograms digit i (``bits`` wide, MSB first) of the keys whose higher
-  digits equal the threshold's digits found so far (a scatter-add into a small
-  replicated histogram: local per shard, then an all-reduce).
+
+def _suffix_pick(h, k_rem, base):
+  """Largest j with base + sum(h[j:]) >= k_rem (0 if none), and base + sum(h[j+1:])."""
+  suffix = jnp.cumsum(h[::-1])[::-1] + base
+  j = jnp.maximum(jnp.sum(suffix >= k_rem, dtype=jnp.int32) - 1, 0)
+  above = jnp.concatenate([suffix, jnp.reshape(base, (1,))])[j + 1]
+  return j, above
+
+
+def _select_digit(h, k_rem, bits):
+  """Digit j of the k_rem-th largest candidate from a histogram, via a two-level suffix sum.
+
+  (A cumsum over 2**20 bins is slow on CPU; block sums then one block's cumsum are not.)
+  """
+  b1 = bits // 2
+  b2 = bits - b1
+  zero = jnp.zeros((), h.dtype)
+  if b1 == 0:
+    return _suffix_pick(h, k_rem, zero)
+  h2 = h.reshape(1 << b1, 1 << b2)
+  jb, above_b = _suffix_pick(h2.sum(axis=1), k_rem, zero)
+  jr, above = _suffix_pick(h2[jb], k_rem, above_b)
+  return jb * (1 << b2) + jr, above
+
+
+def _radix_select(keys, k, bits):
+  """Same result as :func:`_bisect_select` with a few histogram passes.
+
+  Pass i histograms digit i (MSB first) of the keys whose higher digits equal
+  the threshold's digits found so far: a scatter-add into a small replicated
+  histogram (local per shard, then an all-reduce). The last pass keeps one
+  histogram per leaf (``n_leaves * 2**bits`` bins), which gives the per-leaf
+  count of keys equal to the threshold for free.
+
+  Returns:
+    ``(t, count(key > t), per-leaf count(key == t))``.
   """
   kdt = keys.dtype
   nbits = 8 * kdt.itemsize
   cdt = _count_dtype()
-  if bits not in (4, 8, 16) or nbits % bits:
-    raise ValueError(f"radix_bits must be 4, 8 or 16, got {bits}.")
-  nb = 1 << bits
+  sched = _radix_schedule(nbits, bits)
+  n = len(keys)
   t = jnp.zeros((), kdt)
   k_rem = k
   gt = jnp.zeros((), cdt)
-  eq = jnp.zeros((), cdt)
-  for i in range(nbits // bits):
-    shift = nbits - (i + 1) * bits
+  shift = nbits
+  for i, b in enumerate(sched):
+    shift -= b
+    nb = 1 << b
+    last = i == len(sched) - 1
     kk = keys.refresh((t, k_rem))
-    h = jnp.zeros((nb,), cdt)
-    for li in range(len(kk)):
+    h = jnp.zeros((n * nb if last else nb,), cdt)
+    for li in range(n):
       key, el = kk.key_after(li, h)
       d = ((key >> jnp.asarray(shift, kdt)) & jnp.asarray(nb - 1, kdt)).astype(jnp.int32)
       valid = None
       if i > 0:
-        hi = jnp.asarray(shift + bits, kdt)
+        hi = jnp.asarray(shift + b, kdt)
         valid = (key >> hi) == (t >> hi)
       if el is not None:
         valid = el if valid is None else valid & el
+      if last:
+        d = d + li * nb
       if valid is not None:
-        d = jnp.where(valid, d, nb)  # out of range: dropped
+        d = jnp.where(valid, d, h.shape[0])  # out of range: dropped
       # The update's broadcast is per leaf and pass too (a shared constant would stay live).
       one = jnp.asarray(1, cdt) + _opaque_zero(h).astype(cdt)
       h = h.at[d].add(one, mode="drop")
-    suffix = jnp.cumsum(h[::-1])[::-1]  # suffix[j] = count(digit >= j) among candidates
-    suffix = jnp.concatenate([suffix, jnp.zeros((1,), cdt)])
-    j = jnp.maximum(jnp.sum(suffix[:nb] >= k_rem, dtype=jnp.int32) - 1, 0)
-    above = suffix[j + 1]
+    per_leaf = h.reshape(n, nb) if last else None
+    if last:
+      h = per_leaf.sum(axis=0)
+    j, above = _select_digit(h, k_rem, b)
     gt = gt + above
     k_rem = k_rem - above
     t = t | (j.astype(kdt) << jnp.asarray(shift, kdt))
-    eq = h[j]
-  return t, gt, eq
+  return t, gt, per_leaf[:, j]
 
 
 def _tie_cutoffs(keys, t, r_l, which):
@@ -339,7 +389,7 @@ def _tie_cutoffs(keys, t, r_l, which):
 _METHODS = ("auto", "radix", "bisect")
 
 
-def _threshold(keys, k, method="auto", radix_bits=16):
+def _threshold(keys, k, method="auto", radix_bits=None):
   n = len(keys)
   cdt = _count_dtype()
   k = jnp.maximum(jnp.asarray(k, cdt), 0)
@@ -349,9 +399,11 @@ def _threshold(keys, k, method="auto", radix_bits=16):
   if method == "auto":
     method = "radix" if sum(sizes_py) > (1 << 16) else "bisect"
   if method == "radix":
-    t, gt, total_eq = _radix_select(keys, k, radix_bits)
+    t, gt, eq_leaf = _radix_select(keys, k, radix_bits)
+    total_eq = jnp.sum(eq_leaf)
   else:
     t, gt, total_eq = _bisect_select(keys, k)
+    eq_leaf = None
   r = jnp.clip(k - gt, 0, total_eq)  # ties to keep
   sizes = jnp.asarray(sizes_py, jnp.int32)
 
@@ -363,10 +415,13 @@ def _threshold(keys, k, method="auto", radix_bits=16):
 
   def some_kept():
     kk = keys.refresh(r)
-    eq = []
-    for i in range(n):
-      eq.append(kk.count(i, lambda key, idx: key == t, eq[-1] if eq else None))
-    eq = jnp.stack(eq)
+    if eq_leaf is None:
+      eq = []
+      for i in range(n):
+        eq.append(kk.count(i, lambda key, idx: key == t, eq[-1] if eq else None))
+      eq = jnp.stack(eq)
+    else:
+      eq = eq_leaf
     before = jnp.cumsum(eq) - eq  # over leaves: a short vector of scalars
     r_l = jnp.clip(r - before, 0, eq)
     cut = jnp.where(r_l >= eq, sizes, 0).astype(jnp.int32)
@@ -432,7 +487,7 @@ def _flatten(scores, masks, score_fn=None):
 
 
 def global_threshold(scores: Any, k_or_density=None, *, k=None, density=None, masks: Any = None,
-                     score_fn=None, method: str = "auto", radix_bits: int = 16) -> GlobalThreshold:
+                     score_fn=None, method: str = "auto", radix_bits: int | None = None) -> GlobalThreshold:
   """Exact global top-k threshold over all leaves of ``scores``, by reductions.
 
   Args:
@@ -445,12 +500,15 @@ def global_threshold(scores: Any, k_or_density=None, *, k=None, density=None, ma
       eligible elements compete and can be kept.
     score_fn: optional elementwise function applied to each leaf to get the
       scores (e.g. ``jnp.abs`` with params as ``scores``); it is fused into
-      every pass so no full-size score tree is materialised.
-    method: ``"radix"`` (``32 / radix_bits`` histogram passes; temporaries of
-      up to 8 bytes per element of the largest leaf), ``"bisect"`` (one fused
-      count per key bit, 32 passes, no temporaries) or ``"auto"`` (radix above
-      65536 candidates). Both give identical results.
-    radix_bits: digit width of the radix method (8 or 16).
+      every pass so no full-size score tree is materialised. It must give
+      the same score for -0.0 and +0.0.
+    method: ``"radix"`` (2 histogram passes for 32-bit keys; temporaries of
+      about 8 bytes per element of the largest leaf), ``"bisect"`` (one fused
+      count per key bit: 32 passes, about 4 bytes per element of the largest
+      leaf) or ``"auto"`` (radix above 65536 candidates). Both give identical
+      results.
+    radix_bits: digit width of every radix pass (4, 8 or 16); default None:
+      a 20-bit then a 12-bit pass (the last pass keeps ``2**bits`` bins per leaf).
 
   Returns:
     A :class:`GlobalThreshold`.
@@ -469,7 +527,7 @@ def global_threshold(scores: Any, k_or_density=None, *, k=None, density=None, ma
 
 
 def global_topk_masks(scores: Any, k_or_density=None, *, k=None, density=None, masks: Any = None,
-                      score_fn=None, method: str = "auto", radix_bits: int = 16) -> Any:
+                      score_fn=None, method: str = "auto", radix_bits: int | None = None) -> Any:
   """Boolean masks keeping the exact global top-k scores across all leaves.
 
   Ties are broken by leaf order (``jax.tree`` order), then lower flat index.
@@ -486,7 +544,7 @@ def global_topk_masks(scores: Any, k_or_density=None, *, k=None, density=None, m
       scores (e.g. ``jnp.abs`` with params as ``scores``); it is fused into
       every pass so no full-size score tree is materialised.
     method: ``"auto"``, ``"radix"`` or ``"bisect"`` (see :func:`global_threshold`).
-    radix_bits: digit width of the radix method (8 or 16).
+    radix_bits: digit width of the radix passes (see :func:`global_threshold`).
 
   Returns:
     Tree of bool arrays shaped like ``scores``.
@@ -507,8 +565,8 @@ def global_topk_masks(scores: Any, k_or_density=None, *, k=None, density=None, m
 def _check_method(method, radix_bits):
   if method not in _METHODS:
     raise ValueError(f"global selection: method must be one of {_METHODS}, got {method!r}.")
-  if radix_bits not in (4, 8, 16):
-    raise ValueError(f"global selection: radix_bits must be 4, 8 or 16, got {radix_bits!r}.")
+  if radix_bits not in (None, 4, 8, 16):
+    raise ValueError(f"global selection: radix_bits must be None, 4, 8 or 16, got {radix_bits!r}.")
 
 
 @functools.partial(jax.jit, static_argnames=("score_fn", "method", "radix_bits", "want_masks"))
