@@ -2,6 +2,16 @@
 
 __version__ = "0.1.0"
 
+# Leaf paths and selection, mask trees, mask patterns, exact global top-k (sparsejax.core).
+from sparsejax.core.masks import (apply_masks, export_masks, global_sparsity,  # noqa: E402,F401
+                                  import_masks, init_masks, leaf_sparsity, map_masked, mask_and,
+                                  mask_or, nnz, summary, validate_masks)
+from sparsejax.core.paths import leaf_paths, path_str, select  # noqa: E402,F401
+from sparsejax.core.patterns import (NM, Block, Channel, Unstructured, block_mask,  # noqa: E402,F401
+                                     channel_mask, nm_mask, topk_mask)
+from sparsejax.core.selection import (global_threshold, global_topk_masks,  # noqa: E402,F401
+                                      num_to_keep, ordered_keys)
+
 # Scores, layer-wise distributions, prune / regrow / drop-and-grow, IMP and sparse soups.
 from sparsejax.core.distributions import (erdos_renyi, global_magnitude,  # noqa: E402,F401
                                           global_normalized_magnitude, uniform)
