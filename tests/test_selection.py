@@ -233,3 +233,17 @@ def test_sharded_ties_and_eligibility_exact():
 def test_bad_inputs(call, exc, match):
   with pytest.raises(exc, match=match):
     call()
+
+
+def test_float64_scores_under_x64_use_64_bit_keys():
+  rng = np.random.default_rng(7)
+  # Values that differ only below float32 precision: float32 keys would tie them.
+  a = 1.0 + rng.integers(0, 4, size=(200,)) * 1e-12
+  b = rng.normal(size=(9, 11))
+  with jax.enable_x64(True):
+    assert ordered_keys(jnp.asarray(a)).dtype == jnp.uint64
+    for kw in METHODS[:2]:
+      for k in (1, 57, 250):
+        got = global_topk_masks([jnp.asarray(a), jnp.asarray(b)], k=k, **kw)
+        for g, r in zip(got, ref_global([a, b], k)):
+          np.testing.assert_array_equal(g, r)
