@@ -11,7 +11,8 @@ owns the inner optimizer. Each update:
 2. the gradients given to the inner optimizer are masked (hard methods), or
    get SR-STE's decay term ``decay * (1 - m) * W`` (STE-like methods);
 3. the inner optimizer runs; moments of grown weights are reset with
-   :func:`~sparsejax.optim.reset_moments` (generic ``tree_map_params``);
+   :func:`~sparsejax.optim.reset_moments` (generic ``tree_map_params``) just
+   before it, and grown weights get a zero gradient on that step;
 4. the updates of pruned (and grown) weights become ``-params`` so that plain
    ``optax.apply_updates`` lands them on exact zeros -- no post-step hook;
 5. STE-like policies recompute the forward masks from the updated weights.
@@ -119,7 +120,10 @@ class MaskPolicy:
 
 
 def _all_finite(tree) -> jax.Array:
-  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+  # A sum is non-finite iff an entry is (barring float32 overflow of the sum
+  # itself, which only skips one mask update), and a plain reduction of an
+  # existing buffer needs no leaf-sized scratch memory.
+  leaves = [jnp.isfinite(jnp.sum(x, dtype=jnp.float32)) for x in jax.tree.leaves(tree)
             if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
 
@@ -145,7 +149,9 @@ def sparse_wrapper(inner: optax.GradientTransformation | None, policy: MaskPolic
       for the identity (use the result as the last element of a chain).
     policy: the sparse method's :class:`MaskPolicy`.
     key: int seed or PRNG key for random masks and random growth.
-    reset_moments: zero the inner optimizer's moments of grown weights.
+    reset_moments: for regrowing policies, zero the inner optimizer's moments
+      of every untrained entry (pruned or just grown) before each update, so
+      grown weights start from a fresh parameter's state.
     skip_gradient_on_update: on mask-update steps, only update the masks (no
       gradient step, inner state unchanged), as TF RigL does.
 
@@ -195,7 +201,7 @@ def sparse_wrapper(inner: optax.GradientTransformation | None, policy: MaskPolic
     masks = state.sparse_masks
     key_data = state.sparse_key
     target = state.sparse_target
-    grown = None
+    train = None  # where the inner optimizer trains (None: the masks)
     is_upd = None
 
     if policy.update_masks is not None:
@@ -208,21 +214,21 @@ def sparse_wrapper(inner: optax.GradientTransformation | None, policy: MaskPolic
         ok = _all_finite(g)
         new = jax.tree.map(lambda n, o: None if o is None else jnp.where(ok, n, o),
                            new, old, is_leaf=_is_none)
-        if policy.regrows:
-          new_grown = jax.tree.map(lambda g: None if g is None else g & ok,
-                                   new_grown, is_leaf=_is_none)
+        if policy.regrows:  # trainable = kept, not newly grown (grown start at 0)
+          train = jax.tree.map(lambda n, g: None if n is None else n & ~(g & ok),
+                               new, new_grown, is_leaf=_is_none)
         else:
-          new_grown = None
-        return new, new_grown, jax.random.key_data(k)
+          train = None
+        return new, train, jax.random.key_data(k)
 
       def no_update(operands):
         old, kd, _, _ = operands
-        return old, (_no_grown(old) if policy.regrows else None), kd
+        return old, (old if policy.regrows else None), kd
 
       # As cond operands, params and grads are materialised once, so the
       # selection passes inside the branch all see the same values.
       operands = (masks, key_data, params, updates)
-      masks, grown, key_data = lax.cond(is_upd, do_update, no_update, operands)
+      masks, train, key_data = lax.cond(is_upd, do_update, no_update, operands)
       target = jnp.where(is_upd, jnp.asarray(policy.target(step), jnp.float32), target)
 
     hard_now = hard(step) if callable(hard) else hard
@@ -232,7 +238,10 @@ def sparse_wrapper(inner: optax.GradientTransformation | None, policy: MaskPolic
         return m
       return m | ~hard_now
 
-    # 2. gradients for the inner optimizer
+    # 2. gradients for the inner optimizer (grown weights get a zero gradient)
+    if train is None:
+      train = masks
+
     def grad_leaf(m_old, m, g, w):
       if m is None:
         return g
@@ -243,34 +252,34 @@ def sparse_wrapper(inner: optax.GradientTransformation | None, policy: MaskPolic
         return g
       return jnp.where(keep_grad(m), g, jnp.zeros((), g.dtype))
 
-    inner_grads = jax.tree.map(grad_leaf, state.sparse_masks, masks, updates, params,
+    inner_grads = jax.tree.map(grad_leaf, state.sparse_masks, train, updates, params,
                                is_leaf=_is_none)
 
-    # 3. the inner optimizer
-    inner_updates, inner_state = inner.update(inner_grads, state.sparse_inner, params,
-                                              **extra_args)
+    # 3. the inner optimizer. For regrowing methods the moments of every
+    # untrained position (pruned, or grown on this step) are zeroed *before* it
+    # runs, and their gradient is zero: grown weights start from the state of a
+    # fresh parameter (exactly 0 for SGD momentum, Adam(W), Lion, RMSProp), and
+    # the reset fuses into the optimizer's own elementwise pass.
+    inner_in = state.sparse_inner
+    if policy.regrows and reset_moments:
+      inner_in = moments.reset_moments(
+          inner, inner_in, jax.tree.map(lambda t: None if t is None else ~t, train,
+                                        is_leaf=_is_none))
+    inner_updates, inner_state = inner.update(inner_grads, inner_in, params, **extra_args)
     if skip_gradient_on_update and is_upd is not None:
       inner_updates = jax.tree.map(
           lambda u: jnp.where(is_upd, jnp.zeros((), u.dtype), u), inner_updates)
       inner_state = jax.tree.map(lambda new, old: jnp.where(is_upd, old, new),
-                                 inner_state, state.sparse_inner)
-    if grown is not None and reset_moments:
-      inner_state = moments.reset_moments(inner, inner_state, grown)
+                                 inner_state, inner_in)
 
     # 4. land pruned (and grown) weights on exact zeros
-    def project(m, gr, u, w):
+    def project(m, u, w):
       if m is None or hard_now is False:
         return u
-      keep = m if gr is None else (m & ~gr)
-      if hard_now is not True:
-        keep = keep | ~hard_now
+      keep = m if hard_now is True else (m | ~hard_now)
       return jnp.where(keep, u, -w.astype(u.dtype))
 
-    if grown is None:
-      out = jax.tree.map(lambda m, u, w: project(m, None, u, w), masks, inner_updates,
-                         params, is_leaf=_is_none)
-    else:
-      out = jax.tree.map(project, masks, grown, inner_updates, params, is_leaf=_is_none)
+    out = jax.tree.map(project, train, inner_updates, params, is_leaf=_is_none)
 
     # 5. next forward masks (STE-like)
     new_step = optax.safe_increment(step)
