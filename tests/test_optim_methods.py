@@ -244,3 +244,4 @@ def test_sdgf_geometric_and_custom():
     counts.append(int(so.get_masks(s)["w"].reshape(16, 4, 3).sum(1).max()))
     _, s = upd({"w": jnp.ones((64, 3))}, s, p)
   assert counts == [3, 3, 2, 2, 1, 1]
+

@@ -22,9 +22,10 @@ import jax.numpy as jnp
 import optax
 
 from sparsejax import schedules
+from sparsejax.core import pruning as core_pruning
+from sparsejax.core import scores as core_scores
 from sparsejax.optim.pruning import (check_distribution, check_scores,
                                      initial_scores, prune_to)
-from sparsejax.optim import _select
 from sparsejax.optim.wrapper import MaskPolicy, selected_masks, sparse_wrapper
 
 __all__ = ["dynamic_sparse", "set_training", "rigl", "hash_uniform"]
@@ -135,30 +136,15 @@ def dynamic_sparse(
     return (since >= 0) & (since % jnp.maximum(update_every, 1) == 0) & (step < end_step)
 
   def update_masks(step, old, params, grads, k):
-    # Same decisions as sparsejax.core.pruning.drop_and_grow(params, masks,
-    # None, grow_scores, alpha), with the low-memory selection of _select.
+    if grow == "gradient":
+      grow_scores = core_scores.gradient_magnitude(grads)
+    else:  # SET: uniform random growth (cheap counter hash, see hash_uniform)
+      leaves, tdef = jax.tree.flatten(params)
+      grow_scores = jax.tree.unflatten(
+          tdef, [hash_uniform(k, jnp.shape(x), i) for i, x in enumerate(leaves)])
     alpha = schedules.cosine_drop_fraction(step, drop_fraction, end_step)
-    leaves, tdef = jax.tree.flatten(params)
-    m_leaves = tdef.flatten_up_to(old)
-    g_leaves = tdef.flatten_up_to(grads)
-    new, grown, prev = [], [], ()
-    for i, (w, m, g) in enumerate(zip(leaves, m_leaves, g_leaves)):
-      if m is None:
-        new.append(None)
-        grown.append(None)
-        continue
-      n_active = _select.after(_select.count_true(m), *prev)  # one leaf at a time
-      n_drop = _select.drop_count(alpha, n_active)
-      kept = _select.topk_among(n_active - n_drop, m, jnp.abs, w)
-      if grow == "gradient":  # RigL: dense-gradient magnitude
-        g_new = _select.topk_among(n_drop, ~kept, jnp.abs, g)
-      else:  # SET: uniform random (cheap counter hash, see hash_uniform)
-        g_new = _select.topk_among(n_drop, ~kept, lambda x: x,
-                                   hash_uniform(k, jnp.shape(w), i))
-      new.append(kept | g_new)
-      grown.append(g_new)
-      prev = (new[-1],)
-    return jax.tree.unflatten(tdef, new), jax.tree.unflatten(tdef, grown)
+    _, new, grown = core_pruning.drop_and_grow(params, old, None, grow_scores, alpha)
+    return new, grown
 
   policy = MaskPolicy(
       init_masks=init_masks, is_update_step=is_update_step, update_masks=update_masks,

@@ -19,7 +19,6 @@ from sparsejax.core import distributions as core_dist
 from sparsejax.core import masks as core_masks
 from sparsejax.core import pruning as core_pruning
 from sparsejax.core import scores as core_scores
-from sparsejax.optim import _select
 from sparsejax.optim.wrapper import MaskPolicy, selected_masks, sparse_wrapper
 
 __all__ = [
@@ -66,42 +65,6 @@ def prune_to(params, scores, sparsity, distribution, masks):
   return core_pruning.prune(params, scores, per_leaf, masks=masks)[1]
 
 
-def leaf_sparsities(params, sparsity, distribution, masks):
-  """Per-leaf sparsity tree (None on dense leaves) for a per-leaf distribution."""
-  if distribution == "uniform":
-    return jax.tree.map(lambda m: None if m is None else jnp.asarray(sparsity, jnp.float32),
-                        masks, is_leaf=core_masks.is_none)
-  if distribution in ("erk", "er"):
-    return core_dist.erdos_renyi(params, sparsity, kernel=distribution == "erk",
-                                 selection=_flags(masks))
-  return distribution(params, sparsity)
-
-
-def prune_step(params, scores, sparsity, distribution, masks):
-  """Magnitude :func:`prune_to` for the training step: low-memory selection.
-
-  Keeps ``num_to_keep(size, 1 - s_leaf)`` of the eligible (currently kept)
-  entries with the largest ``|scores|`` (``scores``: the params), like ``sparsejax.core.pruning.prune`` with
-  ``masks``, but with O(leaf) scratch memory (see ``_select``), which keeps
-  the ordinary steps of the same program fast. ``"global"`` uses the core.
-  """
-  if distribution == "global":
-    return prune_to(params, scores, sparsity, distribution, masks)
-  per_leaf = leaf_sparsities(params, sparsity, distribution, masks)
-
-  tdef = jax.tree.structure(scores)
-  out, prev = [], ()
-  for m, w, s in zip(tdef.flatten_up_to(masks), jax.tree.leaves(scores),
-                     tdef.flatten_up_to(per_leaf)):
-    if m is None:
-      out.append(None)
-      continue
-    k = _select.after(_select.num_to_keep(w.size, 1.0 - s), *prev)  # one leaf at a time
-    out.append(_select.topk_among(k, m, jnp.abs, w))
-    prev = (out[-1],)
-  return jax.tree.unflatten(tdef, out)
-
-
 def _magnitude_scores(masks, params):
   # Removed weights never come back: rank them below every kept one.
   return jax.tree.map(
@@ -116,11 +79,8 @@ def _magnitude_policy(sparsity_at, is_update_step, distribution, include, exclud
 
   def update_masks(step, old, params, grads, key):
     del grads, key
-    if distribution == "global":
-      scores = _magnitude_scores(old, params)
-    else:  # eligible = kept weights; |W| recomputed in each selection pass
-      scores = params
-    return prune_step(params, scores, sparsity_at(step), distribution, old), None
+    scores = _magnitude_scores(old, params)
+    return prune_to(params, scores, sparsity_at(step), distribution, old), None
 
   return MaskPolicy(init_masks=init_masks, is_update_step=is_update_step,
                     update_masks=update_masks, target=sparsity_at)

@@ -190,13 +190,17 @@ def sparse_wrapper(inner: optax.GradientTransformation | None, policy: MaskPolic
         sparse_key=jax.random.key_data(k_state),
         sparse_target=jnp.asarray(policy.target(zero), jnp.float32),
         sparse_beta=beta_at(zero),
-        sparse_inner=inner.init(params),
+        sparse_inner=inner.init(pure),
     )
 
   def update_fn(updates, state, params=None, **extra_args):
     if params is None:
       raise ValueError("sparsejax transformations need the params: call "
                        "tx.update(grads, opt_state, params).")
+    # NNX states hold Variables: work on the bare arrays (as init does) and
+    # give the updates back in the structure they came in.
+    structure = jax.tree.structure(updates)
+    updates, params = _unwrap(updates), _unwrap(params)
     step = state.sparse_step
     masks = state.sparse_masks
     key_data = state.sparse_key
@@ -290,7 +294,7 @@ def sparse_wrapper(inner: optax.GradientTransformation | None, policy: MaskPolic
       masks = policy.forward_masks(new_step, new_params, masks)
       target = jnp.asarray(policy.target(new_step), jnp.float32)
 
-    return out, SparseState(
+    return jax.tree.unflatten(structure, jax.tree.leaves(out)), SparseState(
         sparse_step=new_step,
         sparse_masks=masks,
         sparse_key=key_data,
