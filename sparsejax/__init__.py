@@ -22,6 +22,15 @@ from sparsejax.core.scores import (gradient_magnitude, grasp, magnitude,  # noqa
                                    synflow_masks, synflow_scores)
 from sparsejax.core.soup import greedy_soup, sparse_soup  # noqa: E402,F401
 
+# Sparsity schedules and optax transformations for sparse training (sparsejax.optim).
+from sparsejax import optim, schedules  # noqa: E402,F401
+from sparsejax.optim import (MaskPolicy, SparseState, apply_state_masks,  # noqa: E402,F401
+                             dynamic_sparse, forward_params, get_beta, get_masks,
+                             get_sparse_state, get_step, get_target_sparsity, gradient_masking,
+                             gradual_magnitude_pruning, mdgf, nm_training, one_shot_pruning,
+                             reset_moments, rigl, sdgf, set_training, sparse_wrapper, srste,
+                             static_sparse, ste)
+
 # Device meshes and shardings (sparsejax.sharding).
 from sparsejax.sharding import (collective_shapes, make_mesh,  # noqa: E402,F401
                                 match_param_shardings, opt_state_shardings, param_shardings)
