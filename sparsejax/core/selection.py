@@ -169,6 +169,11 @@ class GlobalThreshold(NamedTuple):
     cutoffs: per leaf, elements with ``key == threshold`` and flat index below the
       cutoff are kept (tie-breaking by leaf order, then flat index).
     count: number of selected elements (``k`` clipped to the candidates).
+
+  >>> import jax.numpy as jnp
+  >>> th = global_threshold([jnp.array([1., 5., 5.])], k=2)
+  >>> bool(th.key == ordered_keys(jnp.float32(5.))), int(th.count)
+  (True, 2)
   """
   key: jax.Array
   cutoffs: tuple
