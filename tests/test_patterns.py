@@ -249,3 +249,12 @@ def test_bad_block_construction():
   assert NM(2, 4).fixed_density == 0.5 and Block(2, 2).fixed_density is None
   assert Unstructured().fixed_density is None and Channel().fixed_density is None
   assert jnp.asarray(nm_mask(np.ones((4, 1), jnp.bfloat16), 1, 4)).sum() == 1
+
+
+def test_vmap_per_row_topk_and_traced_k():
+  x = np.random.default_rng(4).integers(0, 4, size=(5, 12)).astype(np.float32)  # many ties
+  m = np.asarray(jax.vmap(lambda r, k: topk_mask(r, k=k))(x, jnp.arange(5)))
+  for i in range(5):
+    np.testing.assert_array_equal(m[i], ref_topk(x[i], i))
+  m = np.asarray(jax.vmap(lambda r: nm_mask(r, 1, 4, axis=-1))(x))
+  np.testing.assert_array_equal(m, ref_nm(x, 1, 4, -1))
