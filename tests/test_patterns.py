@@ -33,10 +33,11 @@ def ref_topk(x, k):
   return out.reshape(np.shape(x))
 
 
-# Few distinct values -> many ties; plus infinities, signed zeros and NaN.
+# Few distinct values -> many ties; plus infinities, signed zeros and NaN. No subnormals: XLA's
+# CPU backend may flush them to zero (jax >= 0.12), which turns them into ties with 0.
 tie_floats = st.sampled_from([0.0, -0.0, 1.0, 2.0, -1.0, 0.5, np.inf, -np.inf, np.nan])
 score_arrays = hnp.arrays(np.float32, hnp.array_shapes(min_dims=1, max_dims=3, max_side=7),
-                          elements=st.one_of(tie_floats, st.floats(-5, 5, width=32)))
+                          elements=st.one_of(tie_floats, st.floats(-5, 5, width=32, allow_subnormal=False)))
 
 
 @given(score_arrays, st.floats(0.0, 1.0, width=32))
@@ -109,7 +110,7 @@ def nm_cases(draw):
   axis = draw(st.integers(-ndim, ndim - 1))
   shape = [draw(st.integers(1, 3)) for _ in range(ndim)]
   shape[axis] = m * draw(st.integers(1, 3))
-  x = draw(hnp.arrays(np.float32, tuple(shape), elements=st.one_of(tie_floats, st.floats(-3, 3, width=32))))
+  x = draw(hnp.arrays(np.float32, tuple(shape), elements=st.one_of(tie_floats, st.floats(-3, 3, width=32, allow_subnormal=False))))
   return x, n, m, axis
 
 
