@@ -34,19 +34,19 @@ def test_help_documents_flags(capsys):
 def test_cli_writes_table_and_plot(tmp_path, capsys):
   demo = load_demo()
   out = tmp_path / "plot.png"
-  results = demo.main(["--steps", "40", "--only", "dense,static,sr-ste 1:8", "--out", str(out),
+  results = demo.main(["--steps", "20", "--only", "dense,one-shot,sr-ste 1:8", "--out", str(out),
                        "--no-progress", "--sparsity", "0.8"])
   text = capsys.readouterr().out
   assert out.exists() and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-  assert [r.method for r in results] == ["dense", "static ERK 80%", "SR-STE 1:8"]
+  assert [r.method for r in results] == ["dense", "one-shot magnitude 80%", "SR-STE 1:8"]
   for r in results:
     assert r.method in text
-    assert len(r.curve) == len(r.steps) and r.steps[-1] == 40
+    assert len(r.curve) == len(r.steps) and r.steps[-1] == 20
   assert results[0].sparsity == 0.0
   assert results[1].sparsity == pytest.approx(0.8, abs=2e-3)
   assert results[2].sparsity == pytest.approx(0.875, abs=1e-6)
   with pytest.raises(ValueError, match="sparsity"):
-    demo.run(steps=40, sparsity=1.2, progress=False)
+    demo.run(steps=20, sparsity=1.2, progress=False)
 
 
 @pytest.mark.slow
