@@ -62,6 +62,8 @@ def ordered_keys(x: jax.Array) -> jax.Array:
   ``a < b`` (as numbers) iff ``ordered_keys(a) < ordered_keys(b)``. Floats of
   16/32 bits map to ``uint32``, 64-bit types to ``uint64``. ``-0.0`` and ``0.0``
   map to the same key; NaN maps to 0, below every number (never preferred).
+  Backends that flush subnormals to zero (XLA:CPU with newer jax) may give
+  subnormal scores the key of 0, i.e. rank them as ties with zero.
 
   Args:
     x: array of a real floating, integer or bool dtype.
