@@ -4,14 +4,13 @@ Global (cross-leaf) top-k never concatenates scores. Scores are mapped to an
 order-preserving unsigned-integer image (:func:`ordered_keys`) and the k-th
 largest key is found by radix selection over all leaves at once:
 
-* ``method="radix"`` (default above 65536 candidates): a 20-bit then a 12-bit
-  digit pass; each pass scatter-adds the digit of every candidate key (whose
-  higher digits match the prefix found so far) into a histogram, leaf by leaf
-  (the last pass keeps one 4096-bin histogram per leaf, which also gives the
-  per-leaf tie counts). Under sharding each device histograms its shard and an
-  all-reduce of the histogram (4 MiB at most) follows.
-* ``method="bisect"``: 32 steps, each one fused ``count(key >= candidate)``
-  reduction per leaf, summed over leaves (an all-reduce of a scalar).
+* ``method="radix"`` (default above 65536 candidates): two 16-bit digit passes
+  (four for 64-bit keys); each pass scatter-adds the digit of every candidate
+  key whose higher digits match the prefix found so far into one 65536-bin
+  histogram. Under sharding each device histograms its shard and an
+  all-reduce of the histogram follows.
+* ``method="bisect"``: 32 steps, each one ``count(key >= candidate)`` per
+  leaf, summed over leaves (an all-reduce of a scalar).
 
 Both are exact and give identical masks. Ties at the threshold are broken by
 (leaf order, flat index): the first tied elements win, exactly as if the leaves
@@ -20,8 +19,11 @@ counts inside the single leaf that holds it (never by a cumsum over a sharded
 axis). The final masks are elementwise comparisons, so they keep the scores'
 shardings and no parameter is ever gathered.
 
-Keys are recomputed inside every pass (never stored), so the extra memory is
-a few bytes per element of the largest leaf plus the masks themselves.
+Memory: keys are recomputed inside every pass from the score operands (never
+stored; :class:`LazyScores` extends this to scores such as ``|g|``), and a
+large leaf is visited as up to 64 interleaved slabs of >= 65536 entries, one
+slab per loop iteration. The scratch of a pass is a few bytes per slab entry
+plus the histogram, instead of a few bytes per parameter.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from sparsejax.core import paths as _paths
 
 __all__ = [
   "GlobalThreshold",
+  "LazyScores",
   "global_threshold",
   "global_topk_masks",
   "num_to_keep",
@@ -153,16 +156,6 @@ def _num_to_keep(size, density, minimum):
   return jnp.clip(k, min(minimum, size), size).astype(_count_dtype())
 
 
-def _leaf_iota(shape) -> jax.Array:
-  """Row-major flat index of every element (int32)."""
-  idx = jnp.zeros(shape, jnp.int32)
-  stride = 1
-  for d in range(len(shape) - 1, -1, -1):
-    idx = idx + lax.broadcasted_iota(jnp.int32, shape, d) * stride
-    stride *= shape[d]
-  return idx
-
-
 class GlobalThreshold(NamedTuple):
   """Result of :func:`global_threshold`.
 
@@ -182,113 +175,228 @@ class GlobalThreshold(NamedTuple):
   count: jax.Array
 
 
-def _opaque_zero(token) -> jax.Array:
-  """A uint32 zero that XLA cannot prove is zero, data-dependent on ``token``.
+class LazyScores:
+  """Scores of one leaf as an elementwise function of leaf-shaped arrays.
 
-  ``(v * v) & 2 == 0`` for every integer ``v`` (squares are 0 or 1 mod 4).
-  ``token`` must hold small replicated values (scalars, histograms), never a
-  (possibly sharded) parameter-sized array.
-  XOR-ing keys with it makes a pass depend on ``token``: XLA then neither
-  hoists key computations out of loops, nor merges the identical key
-  computations of different passes into one materialised array, nor computes
-  the temporaries of all leaves before the first is consumed.
-  """
-  leaves = jax.tree.leaves(token)
-  if not leaves:
-    return jnp.zeros((), jnp.uint32)
-  v = jnp.ravel(jnp.asarray(leaves[0]))[0]
-  v = lax.convert_element_type(v, jnp.uint32) if v.dtype != jnp.bool_ else v.astype(jnp.uint32)
-  return (v * v) & jnp.uint32(2)
+  Selection evaluates ``fn`` slab by slab inside every pass (and once more,
+  fused, for the final mask), so no full-size score array is ever stored:
+  ``LazyScores(jnp.abs, w)`` ranks ``|w|`` at the memory cost of ``w`` itself.
+  Accepted wherever a score leaf is (:func:`global_topk_masks`, the pruning
+  functions of :mod:`sparsejax.core.pruning`). A pytree: ``operands`` are its
+  children, ``fn`` is static.
 
+  Args:
+    fn: elementwise function, ``fn(*operands)``, or ``fn(*operands, index)``
+      with ``index=True`` (``index``: int32 row-major flat index of every
+      entry, e.g. for counter-hash random scores).
+    *operands: arrays of the leaf's shape.
+    shape: the leaf's shape (required when there are no operands).
+    index: pass the flat index as the last argument of ``fn``.
 
-def _xor_bits(x, z) -> jax.Array:
-  """``x + z`` for the runtime zero ``z``: equal keys to ``x``, data-dependent on ``z``.
-
-  (For floats ``x + 0`` only turns -0.0 into +0.0, which have the same key.)
-  """
-  x = jnp.asarray(x)
-  if x.dtype == jnp.bool_:
-    return x ^ (z != 0)
-  return x + z.astype(x.dtype)
-
-
-class _LazyKeys:
-  """Ordered keys of each leaf, recomputed inside every pass that uses them.
-
-  Computing keys once would materialise a full-size copy of all scores.
-  ``refresh(token)`` / ``key_after(i, token)`` tie each pass (and each leaf
-  within a pass) to a value of the previous step through :func:`_opaque_zero`.
+  >>> import jax.numpy as jnp
+  >>> s = LazyScores(jnp.abs, jnp.array([-3., 1., 2.]))
+  >>> global_topk_masks([s], k=2)[0].tolist()
+  [True, False, True]
   """
 
-  def __init__(self, leaves, eligible, score_fn=None, dtype=None, zero=None):
-    self.leaves = list(leaves)
-    self.eligible = list(eligible)
-    self.score_fn = score_fn
-    if dtype is None:
-      dts = {jax.eval_shape(self._raw, x).dtype for x in self.leaves}
-      dtype = np.dtype(np.uint64) if np.dtype(np.uint64) in dts else np.dtype(np.uint32)
-    self.dtype = dtype
-    self.zero = zero
-    self.shapes = [tuple(np.shape(x)) for x in self.leaves]
+  def __init__(self, fn, *operands, shape=None, index: bool = False):
+    self.fn = fn
+    self.operands = tuple(operands)
+    self.index = bool(index)
+    if shape is None:
+      if not operands:
+        raise ValueError("LazyScores: give shape= when there are no operands.")
+      shape = np.shape(operands[0])
+    self.shape = tuple(int(d) for d in shape)
+    for x in self.operands:
+      if tuple(np.shape(x)) != self.shape:
+        raise ValueError(f"LazyScores: operand shape {np.shape(x)} differs from the leaf shape "
+                         f"{self.shape}; operands must all have the leaf's shape.")
 
-  def _raw(self, x):
-    if self.score_fn is not None:
-      x = self.score_fn(x)
-    return ordered_keys(x)
+  @property
+  def dtype(self):
+    args = [jax.ShapeDtypeStruct(self.shape, jnp.result_type(x)) for x in self.operands]
+    if self.index:
+      args.append(jax.ShapeDtypeStruct(self.shape, jnp.int32))
+    return jax.eval_shape(lambda *a: self.fn(*a), *args).dtype
 
-  def refresh(self, token) -> "_LazyKeys":
-    return _LazyKeys(self.leaves, self.eligible, self.score_fn, self.dtype, _opaque_zero(token))
+  @property
+  def ndim(self) -> int:
+    return len(self.shape)
 
-  def key_after(self, i, token=None):
-    """Keys and eligibility of leaf i, computed only after ``token`` exists."""
-    z = self.zero
-    if token is not None:
-      tz = _opaque_zero(token)
-      z = tz if z is None else z | tz
-    x = self.leaves[i] if z is None else _xor_bits(self.leaves[i], z)
-    return self._raw(x).astype(self.dtype), self.eligible[i]
+  @property
+  def size(self) -> int:
+    return int(np.prod(self.shape))
 
-  def __len__(self):
-    return len(self.leaves)
+  def evaluate(self, operands=None, index=None) -> jax.Array:
+    """The scores of (a slab of) the leaf: ``fn`` applied to ``operands``."""
+    ops = self.operands if operands is None else operands
+    if not self.index:
+      return self.fn(*ops)
+    return self.fn(*ops, _flat_index(self.shape) if index is None else index)
 
-  def __getitem__(self, i):
-    return self.key_after(i)[0]
+  def map(self, f) -> "LazyScores":
+    """``f`` applied to the scores, still lazily.
 
-  def count(self, i, pred, token=None) -> jax.Array:
-    """``sum(pred(keys_i, flat_index) & eligible_i)`` over leaf i."""
-    key, el = self.key_after(i, token)
-    c = pred(key, lambda: _leaf_iota(self.shapes[i]))
-    if el is not None:
-      c = c & el
-    return jnp.sum(c, dtype=_count_dtype())
+    >>> import jax.numpy as jnp
+    >>> LazyScores(jnp.abs, jnp.array([-2.])).map(lambda s: s * 3).evaluate().tolist()
+    [6.0]
+    """
+    return LazyScores(_Then(self.fn, f), *self.operands, shape=self.shape, index=self.index)
 
-  def total(self, pred) -> jax.Array:
-    out = jnp.zeros((), _count_dtype())
-    for i in range(len(self)):
-      out = out + self.count(i, pred, out)
-    return out
+  def __repr__(self):
+    return f"LazyScores({getattr(self.fn, '__name__', self.fn)}, shape={self.shape})"
 
 
-def _bisect_select(keys, k):
-  """Largest key t with count(key >= t) >= k: one fused count pass per bit."""
-  kdt = keys.dtype
+class _Then(NamedTuple):
+  """``g(f(*args))``; hashable and equal by value, so jit caches keep hitting."""
+  f: Any
+  g: Any
+
+  def __call__(self, *args):
+    return self.g(self.f(*args))
+
+
+jax.tree_util.register_pytree_node(
+    LazyScores,
+    lambda s: (s.operands, (s.fn, s.shape, s.index)),
+    lambda aux, ops: LazyScores(aux[0], *ops, shape=aux[1], index=aux[2]))
+
+
+def is_lazy(x) -> bool:
+  return isinstance(x, LazyScores)
+
+
+def materialize(scores) -> jax.Array:
+  """An array of scores from an array or :class:`LazyScores`."""
+  return scores.evaluate() if isinstance(scores, LazyScores) else jnp.asarray(scores)
+
+
+def _flat_index(shape, axis: int = 0, slabs: int = 1, j=0) -> jax.Array:
+  """Row-major flat index (int32) of every entry of slab ``j`` (see :class:`_Leaf`)."""
+  cshape = list(shape)
+  if slabs > 1:
+    cshape[axis] //= slabs
+  idx = jnp.zeros(cshape, jnp.int32)
+  stride = 1
+  for d in range(len(shape) - 1, -1, -1):
+    i = lax.broadcasted_iota(jnp.int32, cshape, d)
+    if d == axis and slabs > 1:
+      i = i * slabs + jnp.asarray(j, jnp.int32)
+    idx = idx + i * stride
+    stride *= shape[d]
+  return idx
+
+
+# Leaves of at least 2 * _SLAB elements are visited slab by slab in every pass,
+# up to _MAX_SLABS slabs: XLA:CPU materialises the input of every reduction and
+# the indices and updates of every scatter, so a pass over a whole leaf would
+# need ~8-12 bytes of scratch per element, a pass over one slab needs that per
+# slab element only. (A large scratch buffer costs on every call, not only
+# when the pass runs: XLA allocates one temp buffer for the whole program.)
+_SLAB = 1 << 16
+_MAX_SLABS = 64
+
+
+def _slabs(shape) -> tuple[int, int]:
+  """``(axis, c)``: visit the leaf as ``c`` interleaved slabs along ``axis``.
+
+  Slab ``j`` holds the entries whose index along ``axis`` is ``j`` mod ``c``:
+  splitting ``axis`` into ``(size // c, c)`` keeps a sharding of ``axis`` on
+  the outer factor, so taking a slab moves no data between devices.
+  """
+  n = int(np.prod(shape)) if shape else 1
+  want = min(_MAX_SLABS, n // _SLAB)
+  if want < 2:
+    return 0, 1
+  want = 1 << (want.bit_length() - 1)
+  best_c, best_a = 1, 0
+  for a, s in enumerate(shape):
+    c = min(want, s & -s) if s else 1  # largest power of two dividing s
+    if c > best_c or (c == best_c and c > 1 and s > shape[best_a]):
+      best_c, best_a = c, a
+  return best_a, best_c
+
+
+class _Leaf:
+  """One candidate leaf: keys recomputed from the score operands in every pass."""
+
+  def __init__(self, scores: LazyScores, eligible, kdt):
+    self.scores = scores
+    self.eligible = eligible
+    self.kdt = kdt
+    self.shape = scores.shape
+    self.size = scores.size
+    self.axis, self.slabs = _slabs(self.shape)
+
+  def keys(self, operands=None, index=None) -> jax.Array:
+    return ordered_keys(self.scores.evaluate(operands, index)).astype(self.kdt)
+
+  def fold(self, body, init):
+    """``body(acc, keys, eligible, index)`` over the leaf, one slab at a time.
+
+    ``index`` is a thunk giving the flat index of the slab's entries;
+    ``eligible`` is None when every entry is eligible.
+    """
+    ops = self.scores.operands
+    el = self.eligible
+    if self.slabs == 1:
+      idx = lambda: _flat_index(self.shape)  # noqa: E731
+      return body(init, self.keys(None, idx() if self.scores.index else None), el, idx)
+    a, c = self.axis, self.slabs
+    split = lambda x: x.reshape(self.shape[:a] + (self.shape[a] // c, c) + self.shape[a + 1:])  # noqa: E731
+    ops_r = [split(x) for x in ops]
+    el_r = None if el is None else split(el)
+
+    def step(j, acc):
+      take = lambda x: lax.dynamic_index_in_dim(x, j, a + 1, keepdims=False)  # noqa: E731
+      idx = lambda: _flat_index(self.shape, a, c, j)  # noqa: E731
+      key = self.keys([take(x) for x in ops_r], idx() if self.scores.index else None)
+      return body(acc, key, None if el_r is None else take(el_r), idx)
+
+    return lax.fori_loop(0, c, step, init)
+
+  def count(self, pred, init=None) -> jax.Array:
+    """``init + sum(pred(keys, index) & eligible)``."""
+    def body(acc, key, el, idx):
+      c = pred(key, idx)
+      if el is not None:
+        c = c & el
+      return acc + jnp.sum(c, dtype=_count_dtype())
+    return self.fold(body, jnp.zeros((), _count_dtype()) if init is None else init)
+
+
+def _total(leaves, pred) -> jax.Array:
+  out = jnp.zeros((), _count_dtype())
+  for leaf in leaves:
+    out = leaf.count(pred, out)
+  return out
+
+
+def _bisect_select(leaves, k, bits=None):
+  """Largest key t with count(key >= t) >= k: one count pass per bit.
+
+  Returns:
+    ``(t, count(key > t), count(key == t))``.
+  """
+  del bits
+  kdt = leaves[0].kdt
   nbits = 8 * kdt.itemsize
 
   def step(i, t):
     cand = t | (jnp.asarray(1, kdt) << (nbits - 1 - i).astype(kdt))
-    total = keys.refresh(t).total(lambda key, idx: key >= cand)
+    total = _total(leaves, lambda key, idx: key >= cand)
     return jnp.where(total >= k, cand, t)
 
   t = lax.fori_loop(0, nbits, step, jnp.zeros((), kdt))
-  kk = keys.refresh(t)
-  gt = kk.total(lambda key, idx: key > t)
-  eq = kk.total(lambda key, idx: key == t)
+  gt = _total(leaves, lambda key, idx: key > t)
+  eq = _total(leaves, lambda key, idx: key == t)
   return t, gt, eq
 
 
 def _radix_schedule(nbits: int, bits: int | None) -> list[int]:
   if bits is None:
-    return [20, 12] if nbits == 32 else [20, 20, 12, 12]
+    bits = 16
   if bits not in (4, 8, 16) or nbits % bits:
     raise ValueError(f"radix_bits must be None, 4, 8 or 16, got {bits}.")
   return [bits] * (nbits // bits)
@@ -318,75 +426,63 @@ def _select_digit(h, k_rem, bits):
   return jb * (1 << b2) + jr, above
 
 
-def _radix_select(keys, k, bits):
+def _radix_select(leaves, k, bits):
   """Same result as :func:`_bisect_select` with a few histogram passes.
 
   Pass i histograms digit i (MSB first) of the keys whose higher digits equal
   the threshold's digits found so far: a scatter-add into a small replicated
-  histogram (local per shard, then an all-reduce). The last pass keeps one
-  histogram per leaf (``n_leaves * 2**bits`` bins), which gives the per-leaf
-  count of keys equal to the threshold for free.
+  histogram (``2**bits`` bins; local per shard, then an all-reduce).
 
   Returns:
-    ``(t, count(key > t), per-leaf count(key == t))``.
+    ``(t, count(key > t), count(key == t))``.
   """
-  kdt = keys.dtype
+  kdt = leaves[0].kdt
   nbits = 8 * kdt.itemsize
   cdt = _count_dtype()
-  sched = _radix_schedule(nbits, bits)
-  n = len(keys)
   t = jnp.zeros((), kdt)
   k_rem = k
   gt = jnp.zeros((), cdt)
   shift = nbits
-  for i, b in enumerate(sched):
+  for i, b in enumerate(_radix_schedule(nbits, bits)):
     shift -= b
     nb = 1 << b
-    last = i == len(sched) - 1
-    kk = keys.refresh((t, k_rem))
-    h = jnp.zeros((n * nb if last else nb,), cdt)
-    for li in range(n):
-      key, el = kk.key_after(li, h)
-      d = ((key >> jnp.asarray(shift, kdt)) & jnp.asarray(nb - 1, kdt)).astype(jnp.int32)
-      valid = None
-      if i > 0:
-        hi = jnp.asarray(shift + b, kdt)
-        valid = (key >> hi) == (t >> hi)
-      if el is not None:
-        valid = el if valid is None else valid & el
-      if last:
-        d = d + li * nb
-      if valid is not None:
-        d = jnp.where(valid, d, h.shape[0])  # out of range: dropped
-      # The update's broadcast is per leaf and pass too (a shared constant would stay live).
-      one = jnp.asarray(1, cdt) + _opaque_zero(h).astype(cdt)
-      h = h.at[d].add(one, mode="drop")
-    per_leaf = h.reshape(n, nb) if last else None
-    if last:
-      h = per_leaf.sum(axis=0)
+    h = jnp.zeros((nb,), cdt)
+    for leaf in leaves:
+      def body(h, key, el, idx, i=i, shift=shift, b=b, nb=nb, t=t):
+        del idx
+        d = ((key >> jnp.asarray(shift, kdt)) & jnp.asarray(nb - 1, kdt)).astype(jnp.int32)
+        valid = None
+        if i > 0:
+          hi = jnp.asarray(shift + b, kdt)
+          valid = (key >> hi) == (t >> hi)
+        if el is not None:
+          valid = el if valid is None else valid & el
+        if valid is not None:
+          d = jnp.where(valid, d, nb)  # out of range: dropped
+        return h.at[d].add(jnp.ones((), cdt), mode="drop")
+      h = leaf.fold(body, h)
     j, above = _select_digit(h, k_rem, b)
     gt = gt + above
     k_rem = k_rem - above
     t = t | (j.astype(kdt) << jnp.asarray(shift, kdt))
-  return t, gt, per_leaf[:, j]
+  return t, gt, h[j]
 
 
-def _tie_cutoffs(keys, t, r_l, which):
+def _tie_cutoffs(leaves, t, r_l, which):
   """Tie cut-off of leaf ``which``: smallest c with count(key == t & idx < c) >= r_l[which].
 
-  Bisection on the flat index, each step one fused count over that leaf only
+  Bisection on the flat index, each step one count pass over that leaf only
   (``lax.switch`` picks the leaf inside the loop body).
   """
-  n = len(keys)
-  sizes = [int(np.prod(s)) for s in keys.shapes]
+  sizes = [leaf.size for leaf in leaves]
   nb = max(1, max(sizes).bit_length())
   size_w = jnp.asarray(sizes, jnp.int32)[which]
   r = r_l[which]
 
   def step(i, p):
     cand = p + (jnp.int32(1) << (nb - 1 - i))
-    kk = keys.refresh(p)
-    branches = [lambda c, li=li: kk.count(li, lambda key, idx: (key == t) & (idx() < c)) for li in range(n)]
+    branches = [lambda c, leaf=leaf: leaf.count(lambda key, idx: (key == t) & (idx() < c))
+                for leaf in leaves]
     f = lax.switch(which, branches, cand)
     return jnp.where((cand <= size_w) & (f < r), cand, p)
 
@@ -396,21 +492,17 @@ def _tie_cutoffs(keys, t, r_l, which):
 _METHODS = ("auto", "radix", "bisect")
 
 
-def _threshold(keys, k, method="auto", radix_bits=None):
-  n = len(keys)
+def _threshold(leaves, k, method="auto", radix_bits=None):
+  n = len(leaves)
   cdt = _count_dtype()
   k = jnp.maximum(jnp.asarray(k, cdt), 0)
-  sizes_py = [int(np.prod(shape)) for shape in keys.shapes]
+  sizes_py = [leaf.size for leaf in leaves]
   if method not in _METHODS:
     raise ValueError(f"global selection: method must be one of {_METHODS}, got {method!r}.")
   if method == "auto":
     method = "radix" if sum(sizes_py) > (1 << 16) else "bisect"
-  if method == "radix":
-    t, gt, eq_leaf = _radix_select(keys, k, radix_bits)
-    total_eq = jnp.sum(eq_leaf)
-  else:
-    t, gt, total_eq = _bisect_select(keys, k)
-    eq_leaf = None
+  select = _radix_select if method == "radix" else _bisect_select
+  t, gt, total_eq = select(leaves, k, radix_bits)
   r = jnp.clip(k - gt, 0, total_eq)  # ties to keep
   sizes = jnp.asarray(sizes_py, jnp.int32)
 
@@ -421,20 +513,13 @@ def _threshold(keys, k, method="auto", radix_bits=None):
     return sizes
 
   def some_kept():
-    kk = keys.refresh(r)
-    if eq_leaf is None:
-      eq = []
-      for i in range(n):
-        eq.append(kk.count(i, lambda key, idx: key == t, eq[-1] if eq else None))
-      eq = jnp.stack(eq)
-    else:
-      eq = eq_leaf
+    eq = jnp.stack([leaf.count(lambda key, idx: key == t) for leaf in leaves])
     before = jnp.cumsum(eq) - eq  # over leaves: a short vector of scalars
     r_l = jnp.clip(r - before, 0, eq)
     cut = jnp.where(r_l >= eq, sizes, 0).astype(jnp.int32)
     partial = (r_l > 0) & (r_l < eq)
     which = jnp.argmax(partial).astype(jnp.int32)  # exactly one leaf is partial here
-    return cut.at[which].set(_tie_cutoffs(kk, t, r_l, which))
+    return cut.at[which].set(_tie_cutoffs(leaves, t, r_l, which))
 
   case = jnp.where(r >= total_eq, 1, jnp.where(r == 0, 0, 2))
   cutoffs = lax.switch(case, [none_kept, all_kept, some_kept])
@@ -464,14 +549,19 @@ def _k_from(k_or_density, k, density, total):
 
 
 def _flatten(scores, masks, score_fn=None):
+  """(paths, LazyScores leaves, eligibility leaves) of a score tree."""
   s_paths, s_leaves = [], []
-  for p, leaf in jax.tree_util.tree_flatten_with_path(scores)[0]:
+  for p, leaf in jax.tree_util.tree_flatten_with_path(scores, is_leaf=is_lazy)[0]:
     s_paths.append(_paths.path_str(p))
+    if not isinstance(leaf, LazyScores):
+      leaf = LazyScores(_identity if score_fn is None else score_fn, jnp.asarray(leaf))
+    elif score_fn is not None:
+      leaf = leaf.map(score_fn)
     s_leaves.append(leaf)
   if not s_leaves:
     raise ValueError("global selection: the score tree has no leaves.")
   for p, leaf in zip(s_paths, s_leaves):
-    dt = jnp.result_type(leaf) if score_fn is None else jax.eval_shape(score_fn, leaf).dtype
+    dt = leaf.dtype
     if jnp.issubdtype(dt, jnp.complexfloating):
       raise TypeError(f"global selection: scores at '{p}' are complex ({dt}); pass real scores such as |x|.")
   if masks is None:
@@ -484,8 +574,8 @@ def _flatten(scores, masks, score_fn=None):
       raise ValueError(f"global selection: masks have no leaf '{p}' (scores have it); masks must match scores.")
     m = m_paths[p]
     if m is not None:
-      if tuple(np.shape(m)) != tuple(np.shape(leaf)):
-        raise ValueError(f"global selection: mask at '{p}' has shape {np.shape(m)} but scores have {np.shape(leaf)}.")
+      if tuple(np.shape(m)) != leaf.shape:
+        raise ValueError(f"global selection: mask at '{p}' has shape {np.shape(m)} but scores have {leaf.shape}.")
       m = jnp.asarray(m)
       if m.dtype != jnp.bool_:
         raise TypeError(f"global selection: mask at '{p}' has dtype {m.dtype}, expected bool.")
@@ -509,13 +599,11 @@ def global_threshold(scores: Any, k_or_density=None, *, k=None, density=None, ma
       scores (e.g. ``jnp.abs`` with params as ``scores``); it is fused into
       every pass so no full-size score tree is materialised. It must give
       the same score for -0.0 and +0.0.
-    method: ``"radix"`` (2 histogram passes for 32-bit keys; temporaries of
-      about 8 bytes per element of the largest leaf), ``"bisect"`` (one fused
-      count per key bit: 32 passes, about 4 bytes per element of the largest
-      leaf) or ``"auto"`` (radix above 65536 candidates). Both give identical
-      results.
-    radix_bits: digit width of every radix pass (4, 8 or 16); default None:
-      a 20-bit then a 12-bit pass (the last pass keeps ``2**bits`` bins per leaf).
+    method: ``"radix"`` (a histogram pass per 16-bit digit: 2 passes for
+      32-bit keys), ``"bisect"`` (one count pass per key bit: 32 passes) or
+      ``"auto"`` (radix above 65536 candidates). Both give identical results.
+    radix_bits: digit width of every radix pass (4, 8 or 16; default None:
+      16).
 
   Returns:
     A :class:`GlobalThreshold`.
@@ -526,10 +614,10 @@ def global_threshold(scores: Any, k_or_density=None, *, k=None, density=None, ma
   ([2, 1], 2)
   """
   _, leaves, eligible = _flatten(scores, masks, score_fn)
-  total = sum(int(np.prod(np.shape(x))) for x in leaves)
+  total = sum(leaf.size for leaf in leaves)
   kk = _k_from(k_or_density, k, density, total)
   _check_method(method, radix_bits)
-  t, cutoffs, count = _run(leaves, eligible, kk, score_fn, method, radix_bits, False)
+  t, cutoffs, count = _run(leaves, eligible, kk, method, radix_bits, False)
   return GlobalThreshold(t, tuple(cutoffs[i] for i in range(len(leaves))), count)
 
 
@@ -562,11 +650,11 @@ def global_topk_masks(scores: Any, k_or_density=None, *, k=None, density=None, m
   ([True, False], [True, False])
   """
   _, leaves, eligible = _flatten(scores, masks, score_fn)
-  total = sum(int(np.prod(np.shape(x))) for x in leaves)
+  total = sum(leaf.size for leaf in leaves)
   kk = _k_from(k_or_density, k, density, total)
   _check_method(method, radix_bits)
-  out = _run(leaves, eligible, kk, score_fn, method, radix_bits, True)
-  return jax.tree.unflatten(jax.tree.structure(scores), out)
+  out = _run(leaves, eligible, kk, method, radix_bits, True)
+  return jax.tree.unflatten(jax.tree.structure(scores, is_leaf=is_lazy), out)
 
 
 def _check_method(method, radix_bits):
@@ -576,18 +664,26 @@ def _check_method(method, radix_bits):
     raise ValueError(f"global selection: radix_bits must be None, 4, 8 or 16, got {radix_bits!r}.")
 
 
-@functools.partial(jax.jit, static_argnames=("score_fn", "method", "radix_bits", "want_masks"))
-def _run(leaves, eligible, k, score_fn, method, radix_bits, want_masks):
+def _identity(x):
+  return x
+
+
+@functools.partial(jax.jit, static_argnames=("method", "radix_bits", "want_masks"))
+def _run(scores, eligible, k, method, radix_bits, want_masks):
   """Jitted core (inlined under an outer jit; compiled once per shape when eager)."""
-  keys = _LazyKeys(leaves, eligible, score_fn)
-  t, cutoffs, count = _threshold(keys, k, method, radix_bits)
+  dts = {np.dtype(s.dtype) for s in scores}
+  kdt = np.dtype(np.uint64) if any(d.itemsize == 8 for d in dts) else np.dtype(np.uint32)
+  leaves = [_Leaf(s, e, kdt) for s, e in zip(scores, eligible)]
+  t, cutoffs, count = _threshold(leaves, k, method, radix_bits)
   if not want_masks:
     return t, cutoffs, count
   out = []
-  for i in range(len(keys)):
-    key, el = keys.key_after(i, cutoffs)  # elementwise: fused, no temporaries
-    m = (key > t) | ((key == t) & (_leaf_iota(key.shape) < cutoffs[i]))
-    if el is not None:
-      m = m & el
+  for leaf, cut in zip(leaves, cutoffs):
+    # Elementwise over the whole leaf: fused into one pass, no temporaries.
+    idx = _flat_index(leaf.shape)
+    key = leaf.keys(None, idx if leaf.scores.index else None)
+    m = (key > t) | ((key == t) & (idx < cut))
+    if leaf.eligible is not None:
+      m = m & leaf.eligible
     out.append(m)
   return out
