@@ -319,7 +319,9 @@ def test_lazy_scores_with_flat_index_and_errors():
   np.testing.assert_array_equal(got, ref)
   np.testing.assert_array_equal(s.evaluate(), ((np.arange(n) * 7919) % 1000).reshape(n // 512, 512))
   with pytest.raises(ValueError, match="give shape="):
-    LazyScores(jnp.abs)
+    LazyScores(jnp.multiply, 2.0)
+  scaled = LazyScores(jnp.multiply, jnp.arange(4.0), 3.0)  # scalar operands are passed whole
+  assert scaled.shape == (4,) and scaled.evaluate().tolist() == [0.0, 3.0, 6.0, 9.0]
   with pytest.raises(ValueError, match="operand shape"):
     LazyScores(jnp.add, jnp.ones(3), jnp.ones(4))
 

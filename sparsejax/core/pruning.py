@@ -9,7 +9,10 @@ All functions
   lower flat index), set removed weights to exactly zero and grown weights to exactly zero;
 - are jit-able with traced sparsities / fractions and trace once per shape.
 
-Scores follow the keep-largest convention of :mod:`sparsejax.core.scores`.
+Scores follow the keep-largest convention of :mod:`sparsejax.core.scores`. A score leaf may also be
+a :class:`sparsejax.core.selection.LazyScores` (e.g. ``LazyScores(jnp.abs, grads_leaf)``): the
+selection then computes the scores inside each of its passes and never stores a full-size score
+array (``None`` scores, i.e. ``|params|``, are always evaluated that way).
 """
 
 from __future__ import annotations
@@ -34,6 +37,10 @@ def _is_none(x) -> bool:
   return x is None
 
 
+def _is_leaf(x) -> bool:
+  return x is None or isinstance(x, _sel.LazyScores)
+
+
 def _flat(params: PyTree):
   kl, treedef = jax.tree_util.tree_flatten_with_path(params)
   return [path_str(kp) for kp, _ in kl], [x for _, x in kl], treedef
@@ -42,7 +49,7 @@ def _flat(params: PyTree):
 def _leaves_like(paths: list[str], tree: PyTree, name: str, fn: str) -> list:
   """Leaves of ``tree`` (None kept) aligned with ``paths``; errors name the first bad path."""
   pset = set(paths)
-  kl = [(path_str(kp), x) for kp, x in jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_none)[0]]
+  kl = [(path_str(kp), x) for kp, x in jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_leaf)[0]]
   # A None where params hold no leaf at all (a None param) is not an extra leaf.
   kl = [(p, x) for p, x in kl if x is not None or p in pset]
   tp = [p for p, _ in kl]
@@ -131,8 +138,8 @@ def _masks_list(fn: str, paths, leaves, masks) -> list:
 
 
 def _scores_list(fn: str, paths, leaves, scores, active, name="scores") -> list:
-  if scores is None:
-    return [jnp.abs(x) if a else None for x, a in zip(leaves, active)]
+  if scores is None:  # |params|, evaluated inside each selection pass (never stored)
+    return [_sel.LazyScores(jnp.abs, x) if a else None for x, a in zip(leaves, active)]
   ss = _leaves_like(paths, scores, name, fn)
   for p, leaf, s, a in zip(paths, leaves, ss, active):
     if not a:
@@ -143,9 +150,14 @@ def _scores_list(fn: str, paths, leaves, scores, active, name="scores") -> list:
     if tuple(np.shape(s)) != tuple(np.shape(leaf)):
       raise ValueError(f"{fn}: {name} at {p!r} have shape {tuple(np.shape(s))} but the param has "
                        f"shape {tuple(np.shape(leaf))}.")
-    if jnp.issubdtype(jnp.result_type(s), jnp.complexfloating):
+    dt = s.dtype if isinstance(s, _sel.LazyScores) else jnp.result_type(s)
+    if jnp.issubdtype(dt, jnp.complexfloating):
       raise TypeError(f"{fn}: {name} at {p!r} are complex; pass real scores such as jnp.abs(x).")
   return ss
+
+
+def _as_scores(s):
+  return s if isinstance(s, _sel.LazyScores) else jnp.asarray(s)
 
 
 def _zero_out(p, m):
@@ -162,9 +174,8 @@ def _prune_leaf(sc, s, m, *, pattern, fixed):
   """The mask of one leaf (jitted: one compile per shape, fast eager calls)."""
   density = None if s is None else 1.0 - jnp.asarray(s, jnp.float32)
   if isinstance(pattern, Unstructured):
-    if m is None:
-      return pattern(sc, density)
     return _topk_among(sc, _sel.num_to_keep(sc.size, density), m)
+  sc = _sel.materialize(sc)
   if m is not None:
     fill = 0 if isinstance(pattern, (Block, Channel)) else -jnp.inf
     sc = jnp.where(m, sc, jnp.asarray(fill, jnp.result_type(sc)))
@@ -245,7 +256,7 @@ def prune(params: PyTree, scores: PyTree | None, sparsity, *, pattern=Unstructur
                        "density; pass a sparsity.")
     _check_unit(s, "sparsity", fn, p)
     pattern.check(p, tuple(np.shape(leaf)), s)
-    mask = _prune_leaf(jnp.asarray(sc), s, m, pattern=pattern, fixed=fixed is not None)
+    mask = _prune_leaf(sc, s, m, pattern=pattern, fixed=fixed is not None)
     new_m.append(mask)
     new_p.append(_zero_out(leaf, mask))
   return jax.tree.unflatten(treedef, new_p), jax.tree.unflatten(treedef, new_m)
@@ -256,7 +267,8 @@ def _global_select(scores, masks, sparsity, *, normalize):
   sel = []
   for s, m in zip(scores, masks):
     if normalize:
-      s32 = s.astype(jnp.promote_types(s.dtype, jnp.float32))
+      s32 = _sel.materialize(s)
+      s32 = s32.astype(jnp.promote_types(s32.dtype, jnp.float32))
       e = s32 if m is None else jnp.where(m, s32, 0)
       norm = jnp.sqrt(jnp.sum(e * e))
       s = s32 / jnp.where(norm > 0, norm, 1)
@@ -303,7 +315,7 @@ def prune_global(params: PyTree, scores: PyTree | None, sparsity, *, normalize: 
   idx = [i for i, a in enumerate(active) if a]
   if not idx:
     raise ValueError(f"{fn}: no prunable leaf; leaf paths are {paths}.")
-  got = _global_select([jnp.asarray(ss[i]) for i in idx], [old[i] for i in idx], sparsity,
+  got = _global_select([_as_scores(ss[i]) for i in idx], [old[i] for i in idx], sparsity,
                        normalize=normalize)
   new_m = [None] * len(leaves)
   new_p = list(leaves)
@@ -319,21 +331,25 @@ def _count_of(fraction, n_active):
   return jnp.floor(n_active.astype(dt) * jnp.asarray(fraction, dt)).astype(jnp.int32)
 
 
+def _n_true(m):
+  return _sel.count_nonzero(m).astype(jnp.int32)
+
+
 @jax.jit
 def _drop_grow_leaf(leaf, m, f, d, g):
-  n_active = jnp.sum(m, dtype=jnp.int32)
+  n_active = _n_true(m)
   n_drop = _count_of(f, n_active)
   kept = _topk_among(d, n_active - n_drop, m)
-  grow = _topk_among(g, n_drop, ~kept)
+  grow = _topk_among(g, n_drop, _sel.LazyScores(jnp.logical_not, kept))
   return _zero_out(leaf, kept), kept | grow, grow
 
 
 @functools.partial(jax.jit, static_argnames=("is_count",))
 def _regrow_leaf(leaf, m, n, s, *, is_count):
-  n_active = jnp.sum(m, dtype=jnp.int32)
+  n_active = _n_true(m)
   k = jnp.asarray(n, jnp.int32) if is_count else _count_of(n, n_active)
   k = jnp.clip(k, 0, m.size - n_active)
-  grow = _topk_among(s, k, ~m)
+  grow = _topk_among(s, k, _sel.LazyScores(jnp.logical_not, m))
   return _zero_out(leaf, m), m | grow, grow
 
 
@@ -386,7 +402,7 @@ def drop_and_grow(params: PyTree, masks: PyTree, drop_scores: PyTree | None,
       grown.append(None)
       continue
     _check_unit(f, "drop_fraction", fn, p, hi_open=False)
-    leaf_p, leaf_m, grow = _drop_grow_leaf(leaf, m, f, jnp.asarray(d), jnp.asarray(g))
+    leaf_p, leaf_m, grow = _drop_grow_leaf(leaf, m, f, _as_scores(d), _as_scores(g))
     new_m.append(leaf_m)
     grown.append(grow)
     new_p.append(leaf_p)
@@ -441,7 +457,7 @@ def regrow(params: PyTree, masks: PyTree, scores: PyTree, n_or_fraction):
         raise ValueError(f"{fn}: count at {p!r} must be >= 0, got {int(nc)}.")
     else:
       _check_unit(n, "fraction", fn, p, hi_open=False)
-    leaf_p, leaf_m, grow = _regrow_leaf(leaf, m, n, jnp.asarray(s), is_count=is_count)
+    leaf_p, leaf_m, grow = _regrow_leaf(leaf, m, n, _as_scores(s), is_count=is_count)
     new_m.append(leaf_m)
     grown.append(grow)
     new_p.append(leaf_p)

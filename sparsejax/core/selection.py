@@ -41,6 +41,7 @@ from sparsejax.core import paths as _paths
 __all__ = [
   "GlobalThreshold",
   "LazyScores",
+  "count_nonzero",
   "global_threshold",
   "global_topk_masks",
   "num_to_keep",
@@ -189,8 +190,10 @@ class LazyScores:
     fn: elementwise function, ``fn(*operands)``, or ``fn(*operands, index)``
       with ``index=True`` (``index``: int32 row-major flat index of every
       entry, e.g. for counter-hash random scores).
-    *operands: arrays of the leaf's shape.
-    shape: the leaf's shape (required when there are no operands).
+    *operands: arrays of the leaf's shape (visited slab by slab) or scalars
+      (passed whole, e.g. a norm or a PRNG word).
+    shape: the leaf's shape (default: the shape of the first non-scalar
+      operand; required when there is none).
     index: pass the flat index as the last argument of ``fn``.
 
   >>> import jax.numpy as jnp
@@ -204,18 +207,19 @@ class LazyScores:
     self.operands = tuple(operands)
     self.index = bool(index)
     if shape is None:
-      if not operands:
-        raise ValueError("LazyScores: give shape= when there are no operands.")
-      shape = np.shape(operands[0])
+      shapes = [np.shape(x) for x in operands if np.ndim(x)]
+      if not shapes:
+        raise ValueError("LazyScores: give shape= when no operand has the leaf's shape.")
+      shape = shapes[0]
     self.shape = tuple(int(d) for d in shape)
     for x in self.operands:
-      if tuple(np.shape(x)) != self.shape:
+      if np.ndim(x) and tuple(np.shape(x)) != self.shape:
         raise ValueError(f"LazyScores: operand shape {np.shape(x)} differs from the leaf shape "
-                         f"{self.shape}; operands must all have the leaf's shape.")
+                         f"{self.shape}; operands must have the leaf's shape or be scalars.")
 
   @property
   def dtype(self):
-    args = [jax.ShapeDtypeStruct(self.shape, jnp.result_type(x)) for x in self.operands]
+    args = [jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x)) for x in self.operands]
     if self.index:
       args.append(jax.ShapeDtypeStruct(self.shape, jnp.int32))
     return jax.eval_shape(lambda *a: self.fn(*a), *args).dtype
@@ -318,12 +322,37 @@ def _slabs(shape) -> tuple[int, int]:
   return best_a, best_c
 
 
+def _evaluate(scores: LazyScores, operands, index_thunk):
+  return scores.evaluate(operands, index_thunk() if scores.index else None)
+
+
+def count_nonzero(x) -> jax.Array:
+  """``jnp.count_nonzero(x)`` of an array or :class:`LazyScores`, slab by slab.
+
+  XLA:CPU stores the input of every reduction; this visits a large leaf in
+  slabs (as the selection passes do), so its scratch is one slab's.
+
+  >>> import jax.numpy as jnp
+  >>> int(count_nonzero(jnp.array([0., 2., -1.]))), int(count_nonzero(LazyScores(jnp.isnan, jnp.ones(4))))
+  (2, 0)
+  """
+  scores = x if isinstance(x, LazyScores) else LazyScores(_identity, jnp.asarray(x))
+  leaf = _Leaf(scores.map(_is_nonzero), None, np.dtype(np.uint32))
+  return leaf.count(lambda key, idx: key != 0)
+
+
+def _is_nonzero(v):
+  return v != 0
+
+
 class _Leaf:
   """One candidate leaf: keys recomputed from the score operands in every pass."""
 
   def __init__(self, scores: LazyScores, eligible, kdt):
     self.scores = scores
-    self.eligible = eligible
+    if eligible is not None and not isinstance(eligible, LazyScores):
+      eligible = LazyScores(_identity, eligible)
+    self.eligible = eligible  # None: every entry is eligible
     self.kdt = kdt
     self.shape = scores.shape
     self.size = scores.size
@@ -338,21 +367,27 @@ class _Leaf:
     ``index`` is a thunk giving the flat index of the slab's entries;
     ``eligible`` is None when every entry is eligible.
     """
-    ops = self.scores.operands
     el = self.eligible
     if self.slabs == 1:
       idx = lambda: _flat_index(self.shape)  # noqa: E731
-      return body(init, self.keys(None, idx() if self.scores.index else None), el, idx)
+      return body(init, self.keys(None, idx() if self.scores.index else None),
+                  None if el is None else _evaluate(el, None, idx), idx)
     a, c = self.axis, self.slabs
-    split = lambda x: x.reshape(self.shape[:a] + (self.shape[a] // c, c) + self.shape[a + 1:])  # noqa: E731
-    ops_r = [split(x) for x in ops]
-    el_r = None if el is None else split(el)
+    def split(x):
+      if not np.ndim(x):
+        return x
+      return jnp.reshape(x, self.shape[:a] + (self.shape[a] // c, c) + self.shape[a + 1:])
+
+    ops_r = [split(x) for x in self.scores.operands]
+    el_r = None if el is None else [split(x) for x in el.operands]
 
     def step(j, acc):
-      take = lambda x: lax.dynamic_index_in_dim(x, j, a + 1, keepdims=False)  # noqa: E731
+      def take(x):
+        return lax.dynamic_index_in_dim(x, j, a + 1, keepdims=False) if np.ndim(x) else x
       idx = lambda: _flat_index(self.shape, a, c, j)  # noqa: E731
       key = self.keys([take(x) for x in ops_r], idx() if self.scores.index else None)
-      return body(acc, key, None if el_r is None else take(el_r), idx)
+      elig = None if el is None else _evaluate(el, [take(x) for x in el_r], idx)
+      return body(acc, key, elig, idx)
 
     return lax.fori_loop(0, c, step, init)
 
@@ -566,7 +601,7 @@ def _flatten(scores, masks, score_fn=None):
       raise TypeError(f"global selection: scores at '{p}' are complex ({dt}); pass real scores such as |x|.")
   if masks is None:
     return s_paths, s_leaves, [None] * len(s_leaves)
-  flat = jax.tree_util.tree_flatten_with_path(masks, is_leaf=lambda x: x is None)[0]
+  flat = jax.tree_util.tree_flatten_with_path(masks, is_leaf=lambda x: x is None or is_lazy(x))[0]
   m_paths = {_paths.path_str(p): leaf for p, leaf in flat}
   eligible = []
   for p, leaf in zip(s_paths, s_leaves):
@@ -576,7 +611,8 @@ def _flatten(scores, masks, score_fn=None):
     if m is not None:
       if tuple(np.shape(m)) != leaf.shape:
         raise ValueError(f"global selection: mask at '{p}' has shape {np.shape(m)} but scores have {leaf.shape}.")
-      m = jnp.asarray(m)
+      if not isinstance(m, LazyScores):
+        m = jnp.asarray(m)
       if m.dtype != jnp.bool_:
         raise TypeError(f"global selection: mask at '{p}' has dtype {m.dtype}, expected bool.")
     eligible.append(m)
@@ -684,6 +720,6 @@ def _run(scores, eligible, k, method, radix_bits, want_masks):
     key = leaf.keys(None, idx if leaf.scores.index else None)
     m = (key > t) | ((key == t) & (idx < cut))
     if leaf.eligible is not None:
-      m = m & leaf.eligible
+      m = m & _evaluate(leaf.eligible, None, lambda: idx)
     out.append(m)
   return out

@@ -23,12 +23,12 @@ import optax
 
 from sparsejax import schedules
 from sparsejax.core import pruning as core_pruning
-from sparsejax.core import scores as core_scores
+from sparsejax.core.selection import LazyScores
 from sparsejax.optim.pruning import (check_distribution, check_scores,
                                      initial_scores, prune_to)
 from sparsejax.optim.wrapper import MaskPolicy, selected_masks, sparse_wrapper
 
-__all__ = ["dynamic_sparse", "set_training", "rigl", "hash_uniform"]
+__all__ = ["dynamic_sparse", "set_training", "rigl", "hash_uniform", "hash_scores"]
 
 
 def _fmix32(x):
@@ -52,15 +52,26 @@ def hash_uniform(key, shape, salt: int = 0) -> jax.Array:
   >>> bool((u >= 0).all() & (u < 1).all()), round(float(u.mean()), 1)
   (True, 0.5)
   """
-  words = jax.random.bits(jax.random.fold_in(key, salt), (2,), jnp.uint32)
-  idx = jnp.zeros(shape, jnp.uint32)
-  stride = 1
-  for d in reversed(range(len(shape))):
-    idx = idx + jax.lax.broadcasted_iota(jnp.uint32, shape, d) * jnp.uint32(stride % 2**32)
-    stride *= shape[d]
-  x = _fmix32(idx * jnp.uint32(0x9E3779B1) + words[0])
-  x = _fmix32(x ^ words[1])
+  return hash_scores(key, shape, salt).evaluate()
+
+
+def _hash_at(w0, w1, index):
+  x = _fmix32(index.astype(jnp.uint32) * jnp.uint32(0x9E3779B1) + w0)
+  x = _fmix32(x ^ w1)
   return (x >> 8).astype(jnp.float32) * jnp.float32(2.0**-24)
+
+
+def hash_scores(key, shape, salt: int = 0) -> LazyScores:
+  """:func:`hash_uniform` as :class:`~sparsejax.core.selection.LazyScores`.
+
+  The selection evaluates the hash inside its passes; no score array is stored.
+
+  >>> s = hash_scores(jax.random.key(0), (4, 3))
+  >>> bool((s.evaluate() == hash_uniform(jax.random.key(0), (4, 3))).all())
+  True
+  """
+  words = jax.random.bits(jax.random.fold_in(key, salt), (2,), jnp.uint32)
+  return LazyScores(_hash_at, words[0], words[1], shape=tuple(shape), index=True)
 
 
 def dynamic_sparse(
@@ -136,12 +147,13 @@ def dynamic_sparse(
     return (since >= 0) & (since % jnp.maximum(update_every, 1) == 0) & (step < end_step)
 
   def update_masks(step, old, params, grads, k):
-    if grow == "gradient":
-      grow_scores = core_scores.gradient_magnitude(grads)
+    # Lazy scores: evaluated inside the selection passes, never stored.
+    if grow == "gradient":  # RigL: |dense gradient|
+      grow_scores = jax.tree.map(lambda g: LazyScores(jnp.abs, g), grads)
     else:  # SET: uniform random growth (cheap counter hash, see hash_uniform)
       leaves, tdef = jax.tree.flatten(params)
       grow_scores = jax.tree.unflatten(
-          tdef, [hash_uniform(k, jnp.shape(x), i) for i, x in enumerate(leaves)])
+          tdef, [hash_scores(k, jnp.shape(x), i) for i, x in enumerate(leaves)])
     alpha = schedules.cosine_drop_fraction(step, drop_fraction, end_step)
     _, new, grown = core_pruning.drop_and_grow(params, old, None, grow_scores, alpha)
     return new, grown

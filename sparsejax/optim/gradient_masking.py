@@ -21,7 +21,7 @@ import optax
 
 from sparsejax import schedules
 from sparsejax.core import paths as core_paths
-from sparsejax.core import patterns as core_patterns
+from sparsejax.core.selection import LazyScores, count_nonzero, global_topk_masks
 
 __all__ = ["GradientMaskingState", "gradient_masking", "top_gradient_mask"]
 
@@ -37,10 +37,15 @@ def top_gradient_mask(g: jax.Array, fraction) -> jax.Array:
   >>> top_gradient_mask(jnp.array([0., 3., -1., 2., 0.]), 0.5).tolist()
   [False, True, False, True, False]
   """
-  nz = jnp.sum(g != 0, dtype=jnp.int32)
+  nz = count_nonzero(g).astype(jnp.int32)
   k = jnp.round(jnp.asarray(fraction, jnp.float32) * nz.astype(jnp.float32)).astype(jnp.int32)
   k = jnp.clip(k, 0, g.size)
-  return core_patterns.topk_mask(jnp.abs(g).astype(jnp.float32), k=k)
+  scores = LazyScores(_abs32, g)  # evaluated inside the selection passes
+  return global_topk_masks([scores], k=k)[0]
+
+
+def _abs32(g):
+  return jnp.abs(g).astype(jnp.float32)
 
 
 def gradient_masking(inner: optax.GradientTransformation | None = None, *, fraction,

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import optax
 
 from sparsejax import schedules
+from sparsejax.core.selection import LazyScores
 from sparsejax.core import distributions as core_dist
 from sparsejax.core import masks as core_masks
 from sparsejax.core import pruning as core_pruning
@@ -65,10 +66,15 @@ def prune_to(params, scores, sparsity, distribution, masks):
   return core_pruning.prune(params, scores, per_leaf, masks=masks)[1]
 
 
-def _magnitude_scores(masks, params):
+def _kept_magnitude(m, p):
   # Removed weights never come back: rank them below every kept one.
+  return jnp.where(m, jnp.abs(p), -1.0).astype(jnp.float32)
+
+
+def _magnitude_scores(masks, params):
+  # Lazy: the selection computes them inside its passes, no full-size copy.
   return jax.tree.map(
-      lambda m, p: None if m is None else jnp.where(m, jnp.abs(p), -1.0).astype(jnp.float32),
+      lambda m, p: None if m is None else LazyScores(_kept_magnitude, m, p),
       masks, params, is_leaf=core_masks.is_none)
 
 
