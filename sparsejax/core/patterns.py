@@ -110,22 +110,6 @@ def topk_mask(scores: jax.Array, density=None, *, k=None, path: str | None = Non
   return _sel.global_topk_masks([scores], k=k)[0]
 
 
-def _group_rank(g: jax.Array) -> jax.Array:
-  """Rank of each element within the last axis (0 = largest; ties: lower index first)."""
-  m = g.shape[-1]
-  if m <= 32:
-    gi = g[..., :, None]
-    gj = g[..., None, :]
-    j_lt_i = lax.broadcasted_iota(jnp.int32, (m, m), 1) < lax.broadcasted_iota(jnp.int32, (m, m), 0)
-    beats = (gj > gi) | ((gj == gi) & j_lt_i)
-    return jnp.sum(beats, axis=-1, dtype=jnp.int32)
-  idx = lax.broadcasted_iota(jnp.int32, g.shape, g.ndim - 1)
-  # Sort by descending key, then ascending index: ascending sort of (~key, idx).
-  _, perm = lax.sort((~g, idx), dimension=g.ndim - 1, num_keys=2)
-  _, rank = lax.sort((perm, idx), dimension=g.ndim - 1, num_keys=1)
-  return rank
-
-
 def nm_mask(scores: jax.Array, n: int, m: int, *, axis: int = -2, path: str | None = None) -> jax.Array:
   """N:M mask: exactly ``n`` kept in every group of ``m`` consecutive entries along ``axis``.
 
@@ -153,12 +137,68 @@ def nm_mask(scores: jax.Array, n: int, m: int, *, axis: int = -2, path: str | No
 
 @functools.partial(jax.jit, static_argnums=(1, 2, 3))
 def _nm_core(scores, n, m, ax):
+  """Keeps the top ``n`` of each group by ``min(n, m - n)`` selection passes.
+
+  Each pass picks one not-yet-chosen index per group (largest key, lowest index
+  on ties; or, when dropping is shorter, smallest key, highest index), so every
+  group holds exactly ``n`` entries by construction -- even inside large jitted
+  programs where XLA recomputes a fused producer of ``scores`` with different
+  rounding in different places (pairwise rank comparisons can then disagree).
+  """
   keys = _sel.ordered_keys(scores)
-  x = jnp.moveaxis(keys, ax, -1)
-  shp = x.shape
-  g = x.reshape(shp[:-1] + (shp[-1] // m, m))
-  keep = _group_rank(g) < n
-  return jnp.moveaxis(keep.reshape(shp), -1, ax)
+  shp = keys.shape
+  g = keys.reshape(shp[:ax] + (shp[ax] // m, m) + shp[ax + 1:])  # groups on axis ax + 1
+  gax = ax + 1
+  largest = n <= m - n
+  passes = n if largest else m - n
+  if m <= 16:  # one elementwise tournament over the m slices per pass
+    slices = [lax.index_in_dim(g, j, gax, keepdims=False) for j in range(m)]
+    chosen = [jnp.zeros(slices[0].shape, bool) for _ in range(m)]
+    for _ in range(passes):
+      idx = _pick_unrolled(slices, chosen, largest)
+      chosen = [c | (idx == j) for j, c in enumerate(chosen)]
+    picked = jnp.stack(chosen, axis=gax)
+  else:  # one variadic reduction along the group axis per pass
+    iota = lax.broadcasted_iota(jnp.int32, g.shape, gax)
+    picked = jnp.zeros(g.shape, bool)
+    for _ in range(passes):
+      picked = picked | (iota == _pick(g, ~picked, iota, largest, gax))
+  keep = picked if largest else ~picked
+  return keep.reshape(shp)
+
+
+def _pick(keys, eligible, iota, largest: bool, axis: int):
+  """Index of the best eligible entry along ``axis``, by one variadic reduction.
+
+  Largest key (ties: lowest index) or smallest key (ties: highest index).
+  """
+  def better(a, b):
+    ka, ea, ia = a
+    kb, eb, ib = b
+    if largest:
+      key_wins = (kb > ka) | ((kb == ka) & (ib < ia))
+    else:
+      key_wins = (kb < ka) | ((kb == ka) & (ib > ia))
+    take_b = (eb & ~ea) | ((eb == ea) & key_wins)
+    return (jnp.where(take_b, kb, ka), jnp.where(take_b, eb, ea), jnp.where(take_b, ib, ia))
+
+  init = (jnp.zeros((), keys.dtype), jnp.asarray(False), jnp.asarray(-1, jnp.int32))
+  _, _, idx = lax.reduce((keys, eligible, iota), init, better, (axis,))
+  return jnp.expand_dims(idx, axis)
+
+
+def _pick_unrolled(slices, chosen, largest: bool):
+  """The same choice as :func:`_pick` over ``m`` slices, as one elementwise tournament."""
+  best_k, best_e = slices[0], ~chosen[0]
+  best_i = jnp.zeros(slices[0].shape, jnp.int32)
+  for j in range(1, len(slices)):
+    k, e = slices[j], ~chosen[j]
+    key_wins = (k > best_k) if largest else (k <= best_k)  # ties: lower / higher index
+    take = (e & ~best_e) | ((e == best_e) & key_wins)
+    best_k = jnp.where(take, k, best_k)
+    best_e = jnp.where(take, e, best_e)
+    best_i = jnp.where(take, j, best_i)
+  return best_i
 
 
 def block_mask(scores: jax.Array, density, block_shape: tuple[int, int], *, path: str | None = None) -> jax.Array:

@@ -23,7 +23,7 @@ from sparsejax.optim.dst import dynamic_sparse, rigl, set_training
 from sparsejax.optim.gradient_masking import (GradientMaskingState, gradient_masking,
                                               top_gradient_mask)
 from sparsejax.optim.moments import reset_moments
-from sparsejax.optim.nm import nm_select, nm_training, srste, ste
+from sparsejax.optim.nm import nm_training, srste, ste
 from sparsejax.optim.pgf import mdgf, sdgf
 from sparsejax.optim.pruning import gradual_magnitude_pruning, one_shot_pruning, static_sparse
 from sparsejax.optim.state import (SparseState, apply_state_masks, forward_params, get_beta,
@@ -45,7 +45,6 @@ __all__ = [
     "gradient_masking",
     "gradual_magnitude_pruning",
     "mdgf",
-    "nm_select",
     "nm_training",
     "one_shot_pruning",
     "reset_moments",

@@ -29,81 +29,9 @@ from sparsejax import schedules
 from sparsejax.core import masks as core_masks
 from sparsejax.core import patterns as core_patterns
 from sparsejax.core import paths as core_paths
-from sparsejax.core import selection as core_selection
 from sparsejax.optim.wrapper import MaskPolicy, selected_masks, sparse_wrapper
 
-__all__ = ["nm_training", "ste", "srste", "nm_select"]
-
-
-def _pick(keys, eligible, iota, largest: bool, axis: int):
-  """Index of the best eligible entry along ``axis``, by one variadic reduction.
-
-  Largest key (ties: lowest index) or smallest key (ties: highest index).
-  """
-  def better(a, b):
-    ka, ea, ia = a
-    kb, eb, ib = b
-    if largest:
-      key_wins = (kb > ka) | ((kb == ka) & (ib < ia))
-    else:
-      key_wins = (kb < ka) | ((kb == ka) & (ib > ia))
-    take_b = (eb & ~ea) | ((eb == ea) & key_wins)
-    return (jnp.where(take_b, kb, ka), jnp.where(take_b, eb, ea), jnp.where(take_b, ib, ia))
-
-  init = (jnp.zeros((), keys.dtype), jnp.asarray(False), jnp.asarray(-1, jnp.int32))
-  _, _, idx = lax.reduce((keys, eligible, iota), init, better, (axis,))
-  return jnp.expand_dims(idx, axis)
-
-
-def _pick_unrolled(slices, chosen, largest: bool):
-  """The same choice as :func:`_pick` over ``m`` slices, as one elementwise tournament."""
-  best_k, best_e = slices[0], ~chosen[0]
-  best_i = jnp.zeros(slices[0].shape, jnp.int32)
-  for j in range(1, len(slices)):
-    k, e = slices[j], ~chosen[j]
-    key_wins = (k > best_k) if largest else (k <= best_k)  # ties: lower / higher index
-    take = (e & ~best_e) | ((e == best_e) & key_wins)
-    best_k = jnp.where(take, k, best_k)
-    best_e = jnp.where(take, e, best_e)
-    best_i = jnp.where(take, j, best_i)
-  return best_i
-
-
-def nm_select(scores: jax.Array, n: int, m: int, *, axis: int = -2) -> jax.Array:
-  """N:M mask built by ``min(n, m - n)`` selection passes per group.
-
-  Same result as :func:`sparsejax.core.patterns.nm_mask` (largest ``n`` of
-  each group of ``m`` along ``axis``; ties: lower index wins; NaN lowest), but
-  each pass picks one not-yet-chosen index per group, so every group holds
-  exactly ``n`` entries by construction -- even inside large jitted programs
-  where XLA recomputes a fused producer of ``scores`` with different rounding
-  in different places (observed on CPU with pairwise-rank selection).
-
-  >>> nm_select(jnp.array([[4., 1., 2., 3.]]), 2, 4, axis=-1).tolist()
-  [[True, False, False, True]]
-  """
-  core_patterns.NM(n, m, axis)._check_shape(None, jnp.shape(scores))  # pylint: disable=protected-access
-  keys = core_selection.ordered_keys(scores)
-  ax = axis % keys.ndim
-  shp = keys.shape
-  g = keys.reshape(shp[:ax] + (shp[ax] // m, m) + shp[ax + 1:])  # groups on axis ax + 1
-  gax = ax + 1
-  largest = n <= m - n
-  passes = n if largest else m - n
-  if m <= 16:
-    slices = [lax.index_in_dim(g, j, gax, keepdims=False) for j in range(m)]
-    chosen = [jnp.zeros(slices[0].shape, bool) for _ in range(m)]
-    for _ in range(passes):
-      idx = _pick_unrolled(slices, chosen, largest)
-      chosen = [c | (idx == j) for j, c in enumerate(chosen)]
-    picked = jnp.stack(chosen, axis=gax)
-  else:
-    iota = lax.broadcasted_iota(jnp.int32, g.shape, gax)
-    picked = jnp.zeros(g.shape, bool)
-    for _ in range(passes):
-      picked = picked | (iota == _pick(g, ~picked, iota, largest, gax))
-  keep = picked if largest else ~picked
-  return keep.reshape(shp)
+__all__ = ["nm_training", "ste", "srste"]
 
 
 def _static_int(name: str, value: Any) -> int:
@@ -167,7 +95,7 @@ def nm_training(
     schedules.check_range("finetune_start", finetune_start, 0, math.inf)
   axis = -2 if axis is None else _static_int("axis", axis)
 
-  makers = [functools.partial(nm_select, n=n, m=m, axis=axis) for _, (n, m) in pats]
+  makers = [functools.partial(core_patterns.nm_mask, n=n, m=m, axis=axis) for _, (n, m) in pats]
 
   def starts():
     return jnp.stack([jnp.asarray(s, jnp.int32) for s, _ in pats])
