@@ -7,6 +7,7 @@ import jax
 import pytest
 
 MODULES = [
+    "pallas_kernels._numerics",
     "pallas_kernels.matmul.format",
     "pallas_kernels.matmul.op",
     "pallas_kernels.matmul.reference",

@@ -8,6 +8,7 @@ import contextlib
 import jax
 import numpy as np
 
+from pallas_kernels._numerics import relative_error  # noqa: F401  (re-exported)
 from pallas_kernels.attention.block_mask import BlockMask
 from pallas_kernels.attention.constructors import block_mask_from_blocks
 
@@ -80,20 +81,6 @@ def random_block_mask(rng: np.random.Generator, *, q_len: int, kv_len: int, q_bl
       blocks[bi, hi, rng.permutation(nq)[:empty_q_blocks]] = False
   return block_mask_from_blocks(blocks, q_len=q_len, kv_len=kv_len, q_block=q_block,
                                 kv_block=kv_block)
-
-
-def relative_error(out, ref) -> float:
-  """``||out - ref|| / ||ref||`` in float64 (absolute if ``ref`` is 0); non-finite gives inf.
-
-  >>> relative_error(np.array([1.0, 2.0]), np.array([1.0, 2.0]))
-  0.0
-  """
-  out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
-  if not np.isfinite(out).all():
-    return float("inf")
-  den = np.linalg.norm(ref)
-  num = np.linalg.norm(out - ref)
-  return float(num / den) if den > 0 else float(num)
 
 
 _TARGETS = {

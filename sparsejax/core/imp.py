@@ -18,7 +18,7 @@ import numpy as np
 
 from sparsejax.core import selection as _sel
 from sparsejax.core.masks import init_masks
-from sparsejax.core.pruning import (_check_unit, _flat, _is_scalar, _leaves_like, _masks_list,
+from sparsejax.core.pruning import (_as_scores, _check_unit, _flat, _is_scalar, _leaves_like, _masks_list,
                                     _scores_list, _zero_out)
 
 PyTree = Any
@@ -44,6 +44,7 @@ def _imp_global(scores, olds, fraction, *, normalize):
   sc = []
   for s, m in zip(scores, olds):
     if normalize:
+      s = _sel.materialize(s)
       s = s.astype(jnp.promote_types(s.dtype, jnp.float32))
       norm = jnp.sqrt(jnp.sum(jnp.where(m, s * s, 0)))
       s = s / jnp.where(norm > 0, norm, 1)
@@ -97,13 +98,13 @@ def imp_prune(params: PyTree, masks: PyTree | None, fraction, *, scores: PyTree 
                      "ranking is unchanged by scaling).")
   new_m = list(old)
   if global_prune:
-    got = _imp_global([jnp.asarray(ss[i]) for i in idx], [old[i] for i in idx], fraction,
+    got = _imp_global([_as_scores(ss[i]) for i in idx], [old[i] for i in idx], fraction,
                       normalize=normalize)
     for j, i in enumerate(idx):
       new_m[i] = got[j]
   else:
     for i in idx:
-      new_m[i] = _imp_leaf(jnp.asarray(ss[i]), old[i], fraction)
+      new_m[i] = _imp_leaf(_as_scores(ss[i]), old[i], fraction)
   new_p = [x if m is None else _zero_out(x, m) for x, m in zip(leaves, new_m)]
   return jax.tree.unflatten(treedef, new_p), jax.tree.unflatten(treedef, new_m)
 
