@@ -270,7 +270,7 @@ def ref_global_fast(leaves, k, eligible=None):
 
 
 def test_slabs_cover_each_entry_once_and_keep_sharded_axes_whole():
-  for shape in [(1024, 1024), (3, 3, 256, 512), (4096, 24), (1000, 131), (1 << 18,), (7, 5)]:
+  for shape in [(1024, 1024), (3, 3, 256, 512), (4096, 24), (1000, 300), (1009, 131), (1 << 18,), (7, 5)]:
     axis, c = selection._slabs(shape)
     n = int(np.prod(shape))
     assert c == 1 or (shape[axis] % c == 0 and n // c >= selection._SLAB), (shape, axis, c)
@@ -279,7 +279,8 @@ def test_slabs_cover_each_entry_once_and_keep_sharded_axes_whole():
       seen[np.asarray(selection._flat_index(shape, axis, c, j)).ravel()] += 1
     assert (seen == 1).all(), shape
   assert selection._slabs((1024, 1024)) == (0, 16)
-  assert selection._slabs((1000, 131))[1] == 1  # 2**17 entries but no power-of-two axis: whole
+  assert selection._slabs((1000, 300)) == (0, 4)  # not a power of two: the largest divisor <= n // _SLAB
+  assert selection._slabs((1009, 131)) == (0, 1)  # two primes: the whole leaf at once
 
 
 @pytest.mark.parametrize("kw", METHODS[:2])

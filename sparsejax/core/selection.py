@@ -307,16 +307,17 @@ def _slabs(shape) -> tuple[int, int]:
 
   Slab ``j`` holds the entries whose index along ``axis`` is ``j`` mod ``c``:
   splitting ``axis`` into ``(size // c, c)`` keeps a sharding of ``axis`` on
-  the outer factor, so taking a slab moves no data between devices.
+  the outer factor, so taking a slab moves no data between devices. ``c`` is
+  the largest divisor of an axis length up to ``size // _SLAB`` (at most
+  ``_MAX_SLABS``); 1 (the whole leaf at once) for small leaves.
   """
   n = int(np.prod(shape)) if shape else 1
   want = min(_MAX_SLABS, n // _SLAB)
   if want < 2:
     return 0, 1
-  want = 1 << (want.bit_length() - 1)
   best_c, best_a = 1, 0
   for a, s in enumerate(shape):
-    c = min(want, s & -s) if s else 1  # largest power of two dividing s
+    c = max(d for d in range(1, want + 1) if s % d == 0)
     if c > best_c or (c == best_c and c > 1 and s > shape[best_a]):
       best_c, best_a = c, a
   return best_a, best_c
@@ -345,6 +346,32 @@ def _is_nonzero(v):
   return v != 0
 
 
+def _opaque_zero(token) -> jax.Array:
+  """A uint32 zero that XLA cannot prove is zero, data-dependent on every leaf of ``token``.
+
+  ``(v * v) & 2 == 0`` for every integer ``v`` (squares are 0 or 1 mod 4).
+  ``token`` must hold small values (scalars, histograms), never a (possibly
+  sharded) parameter-sized array: one element of each leaf is read.
+  """
+  z = jnp.zeros((), jnp.uint32)
+  for leaf in jax.tree.leaves(token):
+    v = jnp.ravel(jnp.asarray(leaf))[0]
+    v = v.astype(jnp.uint32) if v.dtype == jnp.bool_ else lax.convert_element_type(v, jnp.uint32)
+    z = z | ((v * v) & jnp.uint32(2))
+  return z
+
+
+def _xor_bits(x, z) -> jax.Array:
+  """``x`` plus the runtime zero ``z``: the same keys as ``x``, data-dependent on ``z``.
+
+  (For floats ``x + 0`` only turns -0.0 into +0.0, which have the same key.)
+  """
+  x = jnp.asarray(x)
+  if x.dtype == jnp.bool_:
+    return x ^ (z != 0)
+  return x + z.astype(x.dtype)
+
+
 class _Leaf:
   """One candidate leaf: keys recomputed from the score operands in every pass."""
 
@@ -361,25 +388,35 @@ class _Leaf:
   def keys(self, operands=None, index=None) -> jax.Array:
     return ordered_keys(self.scores.evaluate(operands, index)).astype(self.kdt)
 
-  def fold(self, body, init):
+  def fold(self, body, init, after=None):
     """``body(acc, keys, eligible, index)`` over the leaf, one slab at a time.
 
     ``index`` is a thunk giving the flat index of the slab's entries;
-    ``eligible`` is None when every entry is eligible.
+    ``eligible`` is None when every entry is eligible. Nothing of the pass
+    starts before ``init`` and ``after`` exist, so XLA cannot run the passes
+    of several leaves at once and hold all their temporaries together: a
+    slab loop carries ``init``; a whole leaf's operands get a runtime zero
+    computed from ``init`` and ``after`` added (XLA:CPU drops optimisation
+    barriers, but keeps data dependencies).
     """
     el = self.eligible
+    ops, el_ops = self.scores.operands, () if el is None else el.operands
     if self.slabs == 1:
+      z = _opaque_zero((init, after))
+      ops = [_xor_bits(x, z) for x in ops]
+      el_ops = [_xor_bits(x, z) for x in el_ops]
       idx = lambda: _flat_index(self.shape)  # noqa: E731
-      return body(init, self.keys(None, idx() if self.scores.index else None),
-                  None if el is None else _evaluate(el, None, idx), idx)
+      return body(init, self.keys(ops, idx() if self.scores.index else None),
+                  None if el is None else _evaluate(el, el_ops, idx), idx)
     a, c = self.axis, self.slabs
+
     def split(x):
       if not np.ndim(x):
         return x
       return jnp.reshape(x, self.shape[:a] + (self.shape[a] // c, c) + self.shape[a + 1:])
 
-    ops_r = [split(x) for x in self.scores.operands]
-    el_r = None if el is None else [split(x) for x in el.operands]
+    ops_r = [split(x) for x in ops]
+    el_r = [split(x) for x in el_ops]
 
     def step(j, acc):
       def take(x):
@@ -391,20 +428,20 @@ class _Leaf:
 
     return lax.fori_loop(0, c, step, init)
 
-  def count(self, pred, init=None) -> jax.Array:
-    """``init + sum(pred(keys, index) & eligible)``."""
+  def count(self, pred, init=None, after=None) -> jax.Array:
+    """``init + sum(pred(keys, index) & eligible)``, after ``after`` exists."""
     def body(acc, key, el, idx):
       c = pred(key, idx)
       if el is not None:
         c = c & el
       return acc + jnp.sum(c, dtype=_count_dtype())
-    return self.fold(body, jnp.zeros((), _count_dtype()) if init is None else init)
+    return self.fold(body, jnp.zeros((), _count_dtype()) if init is None else init, after)
 
 
-def _total(leaves, pred) -> jax.Array:
+def _total(leaves, pred, after) -> jax.Array:
   out = jnp.zeros((), _count_dtype())
   for leaf in leaves:
-    out = leaf.count(pred, out)
+    out = leaf.count(pred, out, after)
   return out
 
 
@@ -420,12 +457,12 @@ def _bisect_select(leaves, k, bits=None):
 
   def step(i, t):
     cand = t | (jnp.asarray(1, kdt) << (nbits - 1 - i).astype(kdt))
-    total = _total(leaves, lambda key, idx: key >= cand)
+    total = _total(leaves, lambda key, idx: key >= cand, t)
     return jnp.where(total >= k, cand, t)
 
   t = lax.fori_loop(0, nbits, step, jnp.zeros((), kdt))
-  gt = _total(leaves, lambda key, idx: key > t)
-  eq = _total(leaves, lambda key, idx: key == t)
+  gt = _total(leaves, lambda key, idx: key > t, t)
+  eq = _total(leaves, lambda key, idx: key == t, gt)
   return t, gt, eq
 
 
@@ -495,7 +532,7 @@ def _radix_select(leaves, k, bits):
         if valid is not None:
           d = jnp.where(valid, d, nb)  # out of range: dropped
         return h.at[d].add(jnp.ones((), cdt), mode="drop")
-      h = leaf.fold(body, h)
+      h = leaf.fold(body, h, t)
     j, above = _select_digit(h, k_rem, b)
     gt = gt + above
     k_rem = k_rem - above
@@ -516,7 +553,7 @@ def _tie_cutoffs(leaves, t, r_l, which):
 
   def step(i, p):
     cand = p + (jnp.int32(1) << (nb - 1 - i))
-    branches = [lambda c, leaf=leaf: leaf.count(lambda key, idx: (key == t) & (idx() < c))
+    branches = [lambda c, leaf=leaf: leaf.count(lambda key, idx: (key == t) & (idx() < c), after=c)
                 for leaf in leaves]
     f = lax.switch(which, branches, cand)
     return jnp.where((cand <= size_w) & (f < r), cand, p)
@@ -548,7 +585,10 @@ def _threshold(leaves, k, method="auto", radix_bits=None):
     return sizes
 
   def some_kept():
-    eq = jnp.stack([leaf.count(lambda key, idx: key == t) for leaf in leaves])
+    eq = [r]
+    for leaf in leaves:  # one leaf's pass after the other
+      eq.append(leaf.count(lambda key, idx: key == t, after=eq[-1]))
+    eq = jnp.stack(eq[1:])
     before = jnp.cumsum(eq) - eq  # over leaves: a short vector of scalars
     r_l = jnp.clip(r - before, 0, eq)
     cut = jnp.where(r_l >= eq, sizes, 0).astype(jnp.int32)
