@@ -270,24 +270,25 @@ def ref_global_fast(leaves, k, eligible=None):
 
 
 def test_slabs_cover_each_entry_once_and_keep_sharded_axes_whole():
-  for shape in [(1024, 1024), (3, 3, 256, 512), (4096, 24), (1000, 300), (1009, 131), (1 << 18,), (7, 5)]:
+  for shape in [(1024, 1024), (3, 3, 256, 512), (4096, 200), (1000, 600), (1009, 1013), (1 << 20,), (7, 5)]:
     axis, c = selection._slabs(shape)
     n = int(np.prod(shape))
-    assert c == 1 or (shape[axis] % c == 0 and n // c >= selection._SLAB), (shape, axis, c)
+    assert c == 1 or (n > selection._WHOLE and shape[axis] % c == 0 and n // c >= selection._SLAB), (shape, c)
     seen = np.zeros(n, np.int64)
     for j in range(c):
       seen[np.asarray(selection._flat_index(shape, axis, c, j)).ravel()] += 1
     assert (seen == 1).all(), shape
   assert selection._slabs((1024, 1024)) == (0, 16)
-  assert selection._slabs((1000, 300)) == (0, 4)  # not a power of two: the largest divisor <= n // _SLAB
-  assert selection._slabs((1009, 131)) == (0, 1)  # two primes: the whole leaf at once
+  assert selection._slabs((1000, 600)) == (0, 8)  # the largest divisor <= n // _SLAB
+  assert selection._slabs((1009, 1013)) == (0, 1)  # two primes: the whole leaf at once
+  assert selection._slabs((512, 512)) == (0, 1)  # small enough to visit whole
 
 
 @pytest.mark.parametrize("kw", METHODS[:2])
 def test_large_leaves_visited_in_slabs_match_reference(kw):
   rng = np.random.default_rng(3)
-  big = rng.integers(0, 50, size=(512, 512)).astype(np.float32)  # many ties: tie cut-off inside a slab
-  conv = rng.normal(size=(3, 3, 128, 256)).astype(np.float32)
+  big = rng.integers(0, 50, size=(1024, 640)).astype(np.float32)  # many ties: tie cut-off inside a slab
+  conv = rng.normal(size=(3, 3, 256, 256)).astype(np.float32)
   small = rng.normal(size=(40, 7)).astype(np.float32)
   leaves = [big, conv, small]
   elig = [rng.random(x.shape) > 0.3 for x in leaves]
@@ -330,8 +331,9 @@ def test_lazy_scores_with_flat_index_and_errors():
 def test_sharded_large_leaves_no_all_gather():
   mesh = Mesh(np.array(jax.devices()[:8]).reshape(4, 2), ("data", "model"))
   rng = np.random.default_rng(5)
-  params = {"a": rng.integers(0, 9, size=(512, 512)).astype(np.float32),
-            "b": rng.normal(size=(256, 1024)).astype(np.float32)}
+  params = {"a": rng.integers(0, 9, size=(1024, 1024)).astype(np.float32),
+            "b": rng.normal(size=(768, 1024)).astype(np.float32)}
+  assert selection._slabs((1024, 1024))[1] > 1 and selection._slabs((768, 1024))[1] > 1
   specs = {"a": P("model", "data"), "b": P(None, "data")}
   sh = {n: NamedSharding(mesh, s) for n, s in specs.items()}
   sp = {n: jax.device_put(x, sh[n]) for n, x in params.items()}

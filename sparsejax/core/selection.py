@@ -292,12 +292,15 @@ def _flat_index(shape, axis: int = 0, slabs: int = 1, j=0) -> jax.Array:
   return idx
 
 
-# Leaves of at least 2 * _SLAB elements are visited slab by slab in every pass,
-# up to _MAX_SLABS slabs: XLA:CPU materialises the input of every reduction and
-# the indices and updates of every scatter, so a pass over a whole leaf would
-# need ~8-12 bytes of scratch per element, a pass over one slab needs that per
-# slab element only. (A large scratch buffer costs on every call, not only
-# when the pass runs: XLA allocates one temp buffer for the whole program.)
+# Leaves of more than _WHOLE entries are visited slab by slab in every pass,
+# in up to _MAX_SLABS slabs of at least _SLAB entries: XLA:CPU materialises the
+# input of every reduction and the indices and updates of every scatter, so a
+# pass over a whole leaf needs ~8-12 bytes of scratch per entry, a pass over a
+# slab that per slab entry only. (A large scratch buffer costs on every call,
+# not only when the pass runs: XLA allocates one temp buffer for the whole
+# program, e.g. sized by a mask-update branch that runs every 100 steps.)
+# Smaller leaves are visited whole: each slab loop costs ~0.1 ms on CPU.
+_WHOLE = 1 << 19
 _SLAB = 1 << 16
 _MAX_SLABS = 64
 
@@ -309,11 +312,11 @@ def _slabs(shape) -> tuple[int, int]:
   splitting ``axis`` into ``(size // c, c)`` keeps a sharding of ``axis`` on
   the outer factor, so taking a slab moves no data between devices. ``c`` is
   the largest divisor of an axis length up to ``size // _SLAB`` (at most
-  ``_MAX_SLABS``); 1 (the whole leaf at once) for small leaves.
+  ``_MAX_SLABS``); 1 (the whole leaf at once) up to ``_WHOLE`` entries.
   """
   n = int(np.prod(shape)) if shape else 1
   want = min(_MAX_SLABS, n // _SLAB)
-  if want < 2:
+  if n <= _WHOLE or want < 2:
     return 0, 1
   best_c, best_a = 1, 0
   for a, s in enumerate(shape):
@@ -445,13 +448,12 @@ def _total(leaves, pred, after) -> jax.Array:
   return out
 
 
-def _bisect_select(leaves, k, bits=None):
+def _bisect_select(leaves, k):
   """Largest key t with count(key >= t) >= k: one count pass per bit.
 
   Returns:
     ``(t, count(key > t), count(key == t))``.
   """
-  del bits
   kdt = leaves[0].kdt
   nbits = 8 * kdt.itemsize
 
@@ -466,8 +468,16 @@ def _bisect_select(leaves, k, bits=None):
   return t, gt, eq
 
 
-def _radix_schedule(nbits: int, bits: int | None) -> list[int]:
+def _radix_schedule(nbits: int, bits: int | None, total: int = 0) -> list[int]:
+  """Digit widths, MSB first.
+
+  Default: 16-bit digits (65536-bin histograms); above 2**22 candidates a
+  20-bit then a 12-bit digit, whose last pass keeps one 4096-bin histogram per
+  leaf (the per-leaf tie counts for free, instead of one more count pass).
+  """
   if bits is None:
+    if total > (1 << 22):
+      return [20, 12] if nbits == 32 else [20, 20, 12, 12]
     bits = 16
   if bits not in (4, 8, 16) or nbits % bits:
     raise ValueError(f"radix_bits must be None, 4, 8 or 16, got {bits}.")
@@ -503,24 +513,30 @@ def _radix_select(leaves, k, bits):
 
   Pass i histograms digit i (MSB first) of the keys whose higher digits equal
   the threshold's digits found so far: a scatter-add into a small replicated
-  histogram (``2**bits`` bins; local per shard, then an all-reduce).
+  histogram (``2**bits`` bins; local per shard, then an all-reduce). A last
+  digit of at most 12 bits is histogrammed per leaf (``n_leaves * 2**bits``
+  bins), which gives the per-leaf count of keys equal to the threshold.
 
   Returns:
-    ``(t, count(key > t), count(key == t))``.
+    ``(t, count(key > t), count(key == t), per-leaf count(key == t) or None)``.
   """
   kdt = leaves[0].kdt
   nbits = 8 * kdt.itemsize
   cdt = _count_dtype()
+  n = len(leaves)
   t = jnp.zeros((), kdt)
   k_rem = k
   gt = jnp.zeros((), cdt)
   shift = nbits
-  for i, b in enumerate(_radix_schedule(nbits, bits)):
+  sched = _radix_schedule(nbits, bits, sum(leaf.size for leaf in leaves))
+  per_leaf = None
+  for i, b in enumerate(sched):
     shift -= b
     nb = 1 << b
-    h = jnp.zeros((nb,), cdt)
-    for leaf in leaves:
-      def body(h, key, el, idx, i=i, shift=shift, b=b, nb=nb, t=t):
+    split = i == len(sched) - 1 and b <= 12  # per-leaf histograms
+    h = jnp.zeros((n * nb if split else nb,), cdt)
+    for li, leaf in enumerate(leaves):
+      def body(h, key, el, idx, i=i, shift=shift, b=b, nb=nb, t=t, off=li * nb if split else 0):
         del idx
         d = ((key >> jnp.asarray(shift, kdt)) & jnp.asarray(nb - 1, kdt)).astype(jnp.int32)
         valid = None
@@ -529,15 +545,23 @@ def _radix_select(leaves, k, bits):
           valid = (key >> hi) == (t >> hi)
         if el is not None:
           valid = el if valid is None else valid & el
+        if off:
+          d = d + off
         if valid is not None:
-          d = jnp.where(valid, d, nb)  # out of range: dropped
-        return h.at[d].add(jnp.ones((), cdt), mode="drop")
+          d = jnp.where(valid, d, h.shape[0])  # out of range: dropped
+        # The update is data-dependent on h: a constant broadcast would be hoisted
+        # out of every loop and held, one per leaf, for the whole program.
+        one = jnp.ones((), cdt) + _opaque_zero(h).astype(cdt)
+        return h.at[d].add(one, mode="drop")
       h = leaf.fold(body, h, t)
+    if split:
+      per_leaf = h.reshape(n, nb)
+      h = per_leaf.sum(axis=0)
     j, above = _select_digit(h, k_rem, b)
     gt = gt + above
     k_rem = k_rem - above
     t = t | (j.astype(kdt) << jnp.asarray(shift, kdt))
-  return t, gt, h[j]
+  return t, gt, h[j], None if per_leaf is None else per_leaf[:, j]
 
 
 def _tie_cutoffs(leaves, t, r_l, which):
@@ -573,8 +597,10 @@ def _threshold(leaves, k, method="auto", radix_bits=None):
     raise ValueError(f"global selection: method must be one of {_METHODS}, got {method!r}.")
   if method == "auto":
     method = "radix" if sum(sizes_py) > (1 << 16) else "bisect"
-  select = _radix_select if method == "radix" else _bisect_select
-  t, gt, total_eq = select(leaves, k, radix_bits)
+  if method == "radix":
+    t, gt, total_eq, eq_leaf = _radix_select(leaves, k, radix_bits)
+  else:
+    (t, gt, total_eq), eq_leaf = _bisect_select(leaves, k), None
   r = jnp.clip(k - gt, 0, total_eq)  # ties to keep
   sizes = jnp.asarray(sizes_py, jnp.int32)
 
@@ -585,10 +611,13 @@ def _threshold(leaves, k, method="auto", radix_bits=None):
     return sizes
 
   def some_kept():
-    eq = [r]
-    for leaf in leaves:  # one leaf's pass after the other
-      eq.append(leaf.count(lambda key, idx: key == t, after=eq[-1]))
-    eq = jnp.stack(eq[1:])
+    if eq_leaf is not None:
+      eq = eq_leaf
+    else:
+      eq = [r]
+      for leaf in leaves:  # one leaf's pass after the other
+        eq.append(leaf.count(lambda key, idx: key == t, after=eq[-1]))
+      eq = jnp.stack(eq[1:])
     before = jnp.cumsum(eq) - eq  # over leaves: a short vector of scalars
     r_l = jnp.clip(r - before, 0, eq)
     cut = jnp.where(r_l >= eq, sizes, 0).astype(jnp.int32)
