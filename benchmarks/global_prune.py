@@ -4,7 +4,7 @@ Prunes ``--size`` float32 parameters spread over ``--leaves`` leaves (2-D kernel
 of varied shapes) to ``--sparsity`` with one global magnitude threshold, on CPU:
 
 * ``ours radix``   sparsejax ``global_topk_masks(params, density, score_fn=jnp.abs)``
-  (2 histogram passes of 16-bit digits, no concatenation; exact count, ties by
+  (2 histogram passes: 20-bit then 12-bit digits, no concatenation; exact count, ties by
   leaf order then flat index);
 * ``ours bisect``  same API, ``method="bisect"`` (32 fused count passes);
 * ``concat+sort``  ``t = jnp.sort(concatenate(|p|))[N - k]``, masks ``|p| >= t``;
