@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 import sparsejax.optim as so
 from sparsejax.core.patterns import nm_mask
+from test_patterns import ref_nm
 
 
 def np_topk_mask(scores, k):
@@ -184,18 +185,6 @@ def test_srste_update_and_nm_masks():
 _nm_mask = jax.jit(nm_mask, static_argnums=(1, 2))
 
 
-def _ref_nm_axis0(x, n, m):
-  """Top n of each group of m rows (stable: lower index first on ties, NaN lowest), numpy."""
-  g = x.reshape(-1, m, x.shape[-1])
-  out = np.zeros(g.shape, bool)
-  for a in range(g.shape[0]):
-    for c in range(g.shape[2]):
-      col = g[a, :, c]
-      order = sorted(range(m), key=lambda i: (bool(np.isnan(col[i])), 0.0 if np.isnan(col[i]) else -float(col[i]), i))
-      out[a, order[:n], c] = True
-  return out.reshape(x.shape)
-
-
 @settings(max_examples=20, deadline=None)
 @given(nm=st.sampled_from([(1, 2), (2, 4), (3, 4), (1, 8), (5, 8), (4, 16), (3, 32), (30, 32)]),
        seed=st.integers(0, 2**16), ties=st.sampled_from([0, 1, 2]))
@@ -209,7 +198,7 @@ def test_nm_mask_passes_match_reference(nm, seed, ties):
   if ties == 2:
     x[rng.random(x.shape) < 0.3] = np.nan
   got = np.asarray(_nm_mask(jnp.asarray(x), n, m))
-  np.testing.assert_array_equal(got, _ref_nm_axis0(x, n, m))
+  np.testing.assert_array_equal(got, ref_nm(x, n, m, 0))
   assert np.all(got.reshape(2, m, 3).sum(1) == n)
 
 

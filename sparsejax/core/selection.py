@@ -4,11 +4,13 @@ Global (cross-leaf) top-k never concatenates scores. Scores are mapped to an
 order-preserving unsigned-integer image (:func:`ordered_keys`) and the k-th
 largest key is found by radix selection over all leaves at once:
 
-* ``method="radix"`` (default above 65536 candidates): two 16-bit digit passes
-  (four for 64-bit keys); each pass scatter-adds the digit of every candidate
-  key whose higher digits match the prefix found so far into one 65536-bin
-  histogram. Under sharding each device histograms its shard and an
-  all-reduce of the histogram follows.
+* ``method="radix"`` (default above 65536 candidates): two digit passes for
+  32-bit keys (four for 64-bit keys), 16-bit digits, or a 20-bit then a 12-bit
+  digit above 2**22 candidates; each pass scatter-adds the digit of every
+  candidate key whose higher digits match the prefix found so far into a
+  histogram (a 12-bit last pass keeps one 4096-bin histogram per leaf: the
+  per-leaf tie counts). Under sharding each device histograms its shard and
+  an all-reduce of the histogram (4 MiB at most) follows.
 * ``method="bisect"``: 32 steps, each one ``count(key >= candidate)`` per
   leaf, summed over leaves (an all-reduce of a scalar).
 
@@ -708,7 +710,7 @@ def global_threshold(scores: Any, k_or_density=None, *, k=None, density=None, ma
       32-bit keys), ``"bisect"`` (one count pass per key bit: 32 passes) or
       ``"auto"`` (radix above 65536 candidates). Both give identical results.
     radix_bits: digit width of every radix pass (4, 8 or 16; default None:
-      16).
+      16, or 20 then 12 above 2**22 candidates).
 
   Returns:
     A :class:`GlobalThreshold`.

@@ -31,6 +31,10 @@ class GradientMaskingState(NamedTuple):
   gradmask_inner: Any
 
 
+def _abs32(g):
+  return jnp.abs(g).astype(jnp.float32)
+
+
 def top_gradient_mask(g: jax.Array, fraction) -> jax.Array:
   """Bool mask of the ``round(fraction * nnz(g))`` largest ``|g|`` entries.
 
@@ -43,9 +47,6 @@ def top_gradient_mask(g: jax.Array, fraction) -> jax.Array:
   scores = LazyScores(_abs32, g)  # evaluated inside the selection passes
   return global_topk_masks([scores], k=k)[0]
 
-
-def _abs32(g):
-  return jnp.abs(g).astype(jnp.float32)
 
 
 def gradient_masking(inner: optax.GradientTransformation | None = None, *, fraction,
