@@ -30,6 +30,7 @@ from sparsejax.optim import (MaskPolicy, SparseState, apply_state_masks,  # noqa
                              gradual_magnitude_pruning, mdgf, nm_training, one_shot_pruning,
                              reset_moments, rigl, sdgf, set_training, sparse_wrapper, srste,
                              static_sparse, ste)
+from sparsejax import analysis  # noqa
 
 # Device meshes and shardings (sparsejax.sharding).
 from sparsejax.sharding import (collective_shapes, make_mesh,  # noqa: E402,F401
