@@ -110,7 +110,9 @@ def _sddmm_kernel(nnzb_ref, row_ref, col_ref, a_ref, b_ref, o_ref, *, bm, br, bc
     rows = pl.ds(pl.multiple_of(r * bm, bm), bm)
     return acc + lax.dot_general(a_ref[rows, a_cols], b_ref[rows, b_cols], _TN, preferred_element_type=jnp.float32)
 
-  trips = jnp.where(p < nnzb_ref[0], row_tiles, 0)  # padding slots get zeros
+  # Padding slots get zeros. Both bounds int32 scalars: a where() of Python ints lowers to an i1
+  # bound that Triton's scf.for verifier rejects (found by compiling for H100, pallas_kernels.aot).
+  trips = lax.select(p < nnzb_ref[0], jnp.int32(row_tiles), jnp.int32(0))
   acc = lax.fori_loop(0, trips, step, jnp.zeros((br, bc), jnp.float32))
   o_ref[...] = acc.astype(o_ref.dtype)
 
