@@ -23,7 +23,9 @@ import optax
 
 from sparsejax import schedules
 from sparsejax.core import pruning as core_pruning
+from sparsejax.core.patterns import NM
 from sparsejax.core.selection import LazyScores
+from sparsejax.optim import grid
 from sparsejax.optim.pruning import (check_distribution, check_scores,
                                      initial_scores, prune_to)
 from sparsejax.optim.wrapper import MaskPolicy, selected_masks, sparse_wrapper
@@ -79,7 +81,7 @@ def dynamic_sparse(
     grow: str = "gradient", update_every=100, drop_fraction=0.3, end_step,
     begin_step=None, distribution: Any = "erk", init_scores: Any = "random",
     key: Any = 0, skip_gradient_on_update: bool = False, reset_moments: bool = True,
-    include=None, exclude=None, masks=None,
+    pattern=None, include=None, exclude=None, masks=None,
 ) -> optax.GradientTransformationExtraArgs:
   """Drop-and-grow sparse training (the mechanism behind SET and RigL).
 
@@ -102,6 +104,12 @@ def dynamic_sparse(
     key: int seed or PRNG key (initial masks, random growth).
     skip_gradient_on_update: no gradient step on update iterations (TF RigL).
     reset_moments: zero the inner optimizer's moments of grown weights.
+    pattern: ``None`` (unstructured) or ``sparsejax.Block(r, c)``: masks of
+      whole ``r x c`` blocks of the last two dims; ``n_drop`` is counted in
+      blocks, blocks are dropped by the block sum of ``|W|`` and grown by the
+      block sum of ``|g|`` (RigL) or one random score per block (SET), the
+      moments of grown blocks are reset (``Channel(axis)`` works the same
+      way). For N:M use :func:`~sparsejax.optim.ste` / ``srste`` / ``sdgf``.
     include: regex(es) of leaf paths to sparsify (default: ndim >= 2).
     exclude: regex(es) of leaf paths to keep dense.
     masks: explicit initial mask tree.
@@ -132,21 +140,27 @@ def dynamic_sparse(
     raise ValueError(f"grow={grow!r}: use 'gradient' (RigL) or 'random' (SET)")
   check_distribution(distribution)
   check_scores(init_scores)
+  pattern = grid.check_pattern(pattern)
+  if isinstance(pattern, NM):
+    raise ValueError(f"dynamic sparse training: pattern={pattern!r} is not supported by "
+                     "drop-and-grow; train N:M masks with ste, srste, mdgf or sdgf.")
   begin = update_every if begin_step is None else begin_step
 
   def init_masks(params, k):
     if masks is not None:
-      return selected_masks(params, masks=masks)
+      given = selected_masks(params, masks=masks)
+      grid.check_masks(pattern, given)
+      return given
     sel = selected_masks(params, include, exclude)
     return prune_to(params, initial_scores(params, init_scores, k), sparsity,
-                    distribution, sel)
+                    distribution, sel, pattern)
 
   def is_update_step(step):
     step = jnp.asarray(step)
     since = step - begin
     return (since >= 0) & (since % jnp.maximum(update_every, 1) == 0) & (step < end_step)
 
-  def update_masks(step, old, params, grads, k):
+  def drop_grow(old, params, grads, k, alpha):
     # Lazy scores: evaluated inside the selection passes, never stored.
     if grow == "gradient":  # RigL: |dense gradient|
       grow_scores = jax.tree.map(lambda g: LazyScores(jnp.abs, g), grads)
@@ -154,8 +168,16 @@ def dynamic_sparse(
       leaves, tdef = jax.tree.flatten(params)
       grow_scores = jax.tree.unflatten(
           tdef, [hash_scores(k, jnp.shape(x), i) for i, x in enumerate(leaves)])
-    alpha = schedules.cosine_drop_fraction(step, drop_fraction, end_step)
     _, new, grown = core_pruning.drop_and_grow(params, old, None, grow_scores, alpha)
+    return new, grown
+
+  def update_masks(step, old, params, grads, k):
+    alpha = schedules.cosine_drop_fraction(step, drop_fraction, end_step)
+    if grid.is_grid_pattern(pattern):  # the same update on the block grid (block sums)
+      new, grown = grid.on_grid(pattern, lambda m, p, g: drop_grow(m, p, g, k, alpha), old,
+                                grid.absolute(old, params), grid.absolute(old, grads))
+    else:
+      new, grown = drop_grow(old, params, grads, k, alpha)
     return new, grown
 
   policy = MaskPolicy(
@@ -171,14 +193,14 @@ def _variant(grow: str, name: str, doc: str):
               update_every=100, drop_fraction=0.3, end_step, begin_step=None,
               distribution: Any = "erk", init_scores: Any = "random", key: Any = 0,
               skip_gradient_on_update: bool = False, reset_moments: bool = True,
-              include=None, exclude=None, masks=None,
+              pattern=None, include=None, exclude=None, masks=None,
               ) -> optax.GradientTransformationExtraArgs:
     return dynamic_sparse(
         inner, sparsity=sparsity, grow=grow, update_every=update_every,
         drop_fraction=drop_fraction, end_step=end_step, begin_step=begin_step,
         distribution=distribution, init_scores=init_scores, key=key,
         skip_gradient_on_update=skip_gradient_on_update, reset_moments=reset_moments,
-        include=include, exclude=exclude, masks=masks)
+        pattern=pattern, include=include, exclude=exclude, masks=masks)
   variant.__name__ = variant.__qualname__ = name
   variant.__doc__ = doc
   return variant

@@ -20,6 +20,8 @@ from sparsejax.core import distributions as core_dist
 from sparsejax.core import masks as core_masks
 from sparsejax.core import pruning as core_pruning
 from sparsejax.core import scores as core_scores
+from sparsejax.core.patterns import NM
+from sparsejax.optim import grid
 from sparsejax.optim.wrapper import MaskPolicy, selected_masks, sparse_wrapper
 
 __all__ = [
@@ -46,14 +48,26 @@ def _flags(masks):
   return jax.tree.map(lambda m: m is not None, masks, is_leaf=core_masks.is_none)
 
 
-def prune_to(params, scores, sparsity, distribution, masks):
+def prune_to(params, scores, sparsity, distribution, masks, pattern=None):
   """Masks keeping the top ``1 - sparsity`` of ``scores`` among ``masks``.
 
   ``distribution``: ``"uniform"`` (every masked leaf at ``sparsity``),
   ``"erk"``/``"er"`` (Erdos-Renyi(-Kernel) per-leaf sparsities), ``"global"``
   (one top-k over all masked leaves) or a callable
   ``(params, sparsity) -> per-leaf sparsity tree``.
+  ``pattern``: ``None`` (unstructured), ``NM`` (``n`` of every ``m``; the
+  fixed density makes ``sparsity`` and ``distribution`` unused) or
+  ``Block``/``Channel`` (the same selection on the block-reduced grid of
+  :mod:`sparsejax.optim.grid`, block scores = block sums of ``scores``).
   """
+  if isinstance(pattern, NM):
+    return core_pruning.prune(params, scores, None, pattern=pattern, masks=masks)[1]
+  if grid.is_grid_pattern(pattern):
+    def on_blocks(grid_masks, grid_scores):
+      grid_params = jax.tree.map(lambda m, p, s: p if m is None else s, masks, params,
+                                 grid_scores, is_leaf=core_masks.is_none)
+      return prune_to(grid_params, grid_scores, sparsity, distribution, grid_masks)
+    return grid.on_grid(pattern, on_blocks, masks, scores)
   if distribution == "global":
     return core_pruning.prune_global(params, scores, sparsity, masks=masks)[1]
   if distribution == "uniform":
@@ -78,16 +92,37 @@ def _magnitude_scores(masks, params):
       masks, params, is_leaf=core_masks.is_none)
 
 
-def _magnitude_policy(sparsity_at, is_update_step, distribution, include, exclude, masks):
+def pattern_sparsity(method: str, pattern, sparsity):
+  """The sparsity a ``pattern`` trains at: ``N:M`` fixes it to ``1 - n/m``.
+
+  >>> from sparsejax.core.patterns import NM
+  >>> pattern_sparsity("one_shot_pruning", NM(1, 4), None)
+  0.75
+  """
+  if not isinstance(pattern, NM):
+    return sparsity
+  fixed = 1.0 - pattern.n / pattern.m
+  c = schedules.concrete(sparsity) if sparsity is not None else None
+  if sparsity is not None and (c is None or abs(c - fixed) > 1e-6):
+    raise ValueError(f"{method}: sparsity={sparsity!r} but pattern {pattern!r} fixes the "
+                     f"sparsity to {fixed}; pass sparsity=None (or {fixed}).")
+  return fixed
+
+
+def _magnitude_policy(sparsity_at, is_update_step, distribution, include, exclude, masks,
+                      pattern=None):
   def init_masks(params, key):
     del key
-    return selected_masks(params, include, exclude, masks)
+    sel = selected_masks(params, include, exclude, masks)
+    grid.check_masks(pattern, sel)
+    return sel
 
   def update_masks(step, old, params, grads, key):
     del grads, key
     scores = _magnitude_scores(old, params)
-    return prune_to(params, scores, sparsity_at(step), distribution, old), None
+    return prune_to(params, scores, sparsity_at(step), distribution, old, pattern), None
 
+  # Magnitude masks never read gradients: a non-finite gradient cannot block them.
   return MaskPolicy(init_masks=init_masks, is_update_step=is_update_step,
                     update_masks=update_masks, target=sparsity_at)
 
@@ -95,7 +130,7 @@ def _magnitude_policy(sparsity_at, is_update_step, distribution, include, exclud
 def gradual_magnitude_pruning(
     inner: optax.GradientTransformation | None = None, *, sparsity, end_step,
     begin_step=0, frequency=100, initial_sparsity=0.0, power=3,
-    distribution: Any = "uniform", include=None, exclude=None, masks=None,
+    distribution: Any = "uniform", pattern=None, include=None, exclude=None, masks=None,
 ) -> optax.GradientTransformationExtraArgs:
   """Gradual magnitude pruning (Zhu & Gupta 2017) around an optimizer.
 
@@ -115,6 +150,10 @@ def gradual_magnitude_pruning(
     power: exponent of the polynomial ramp (3: cubic).
     distribution: ``"uniform"``, ``"erk"``, ``"er"``, ``"global"`` or a
       callable ``(params, sparsity) -> per-leaf sparsity tree``.
+    pattern: ``None`` (unstructured) or ``sparsejax.Block(r, c)``: whole
+      ``r x c`` blocks of the last two dims are pruned, ranked by the block
+      sum of ``|W|``, with exact block counts (``Channel(axis)`` works the
+      same way). For a gradual N:M schedule use :func:`~sparsejax.optim.sdgf`.
     include: regex(es) of leaf paths to prune (default: leaves with ndim >= 2).
     exclude: regex(es) of leaf paths to keep dense.
     masks: initial mask tree (default all True on the selected leaves).
@@ -137,6 +176,11 @@ def gradual_magnitude_pruning(
   schedules.check_range("frequency", frequency, 1, math.inf,
                         fix="prune at least every 1 step (frequency >= 1)")
   check_distribution(distribution)
+  pattern = grid.check_pattern(pattern)
+  if isinstance(pattern, NM):
+    raise ValueError(f"gradual_magnitude_pruning: pattern={pattern!r} has a fixed sparsity, "
+                     "which a gradual schedule cannot follow; use one_shot_pruning(pattern=...), "
+                     "static_sparse(pattern=...) or the N:M methods (ste, srste, sdgf).")
   # Validates begin/end and initial sparsity.
   schedules.polynomial_sparsity(0, sparsity, begin_step, end_step, initial_sparsity, power)
 
@@ -148,21 +192,26 @@ def gradual_magnitude_pruning(
     return schedules.periodic(step, frequency, begin_step, end_step)
 
   policy = _magnitude_policy(sparsity_at, is_update_step, distribution, include,
-                             exclude, masks)
+                             exclude, masks, pattern)
   return sparse_wrapper(inner, policy)
 
 
 def one_shot_pruning(
-    inner: optax.GradientTransformation | None = None, *, sparsity, step=0,
-    distribution: Any = "uniform", include=None, exclude=None, masks=None,
+    inner: optax.GradientTransformation | None = None, *, sparsity=None, step=0,
+    distribution: Any = "uniform", pattern=None, include=None, exclude=None, masks=None,
 ) -> optax.GradientTransformationExtraArgs:
   """One-shot magnitude pruning at ``step``; training continues sparse.
 
   Args:
     inner: the optimizer, or ``None`` (last element of an ``optax.chain``).
-    sparsity: sparsity in ``[0, 1)`` reached at ``step``.
+    sparsity: sparsity in ``[0, 1)`` reached at ``step`` (required unless
+      ``pattern`` is ``NM``, which fixes it).
     step: the update at which pruning happens (0: before the first update).
     distribution: ``"uniform"``, ``"erk"``, ``"er"``, ``"global"`` or a callable.
+    pattern: ``None`` (unstructured), ``sparsejax.Block(r, c)`` (whole blocks
+      ranked by the block sum of ``|W|``, exact block counts; also
+      ``Channel(axis)``) or ``sparsejax.NM(n, m)`` (the ``n`` largest ``|W|``
+      of every group of ``m``).
     include: regex(es) of leaf paths to prune (default: ndim >= 2).
     exclude: regex(es) of leaf paths to keep dense.
     masks: initial mask tree (default all True on the selected leaves).
@@ -177,6 +226,10 @@ def one_shot_pruning(
   >>> optax.apply_updates(p, u)['w'].tolist()
   [[0.0, -4.0], [0.0, 0.0]]
   """
+  pattern = grid.check_pattern(pattern)
+  sparsity = pattern_sparsity("one_shot_pruning", pattern, sparsity)
+  if sparsity is None:
+    raise ValueError("one_shot_pruning needs a sparsity (or pattern=NM(n, m)).")
   schedules.check_range("sparsity", sparsity, 0.0, 1.0, hi_open=True,
                         fix="sparsity is the fraction of zeros, in [0, 1)")
   schedules.check_range("step", step, 0, math.inf)
@@ -189,7 +242,7 @@ def one_shot_pruning(
     return jnp.asarray(t) == step
 
   policy = _magnitude_policy(sparsity_at, is_update_step, distribution, include,
-                             exclude, masks)
+                             exclude, masks, pattern)
   return sparse_wrapper(inner, policy)
 
 
@@ -216,7 +269,7 @@ def check_scores(scores: Any) -> None:
 
 def static_sparse(
     inner: optax.GradientTransformation | None = None, *, sparsity=None,
-    scores: Any = "random", distribution: Any = "erk", key: Any = 0,
+    scores: Any = "random", distribution: Any = "erk", key: Any = 0, pattern=None,
     include=None, exclude=None, masks=None,
 ) -> optax.GradientTransformationExtraArgs:
   """Static sparse training: masks chosen once at ``init``, then fixed.
@@ -233,6 +286,11 @@ def static_sparse(
       callable ``(params, key) -> score tree``.
     distribution: ``"erk"``, ``"er"``, ``"uniform"``, ``"global"`` or a callable.
     key: int seed or PRNG key (random scores).
+    pattern: ``None`` (unstructured), ``sparsejax.Block(r, c)`` (whole blocks
+      ranked by the block sum of the scores -- random, ``|W|`` or SNIP --
+      with exact block counts and the distribution over blocks; also
+      ``Channel(axis)``) or ``sparsejax.NM(n, m)`` (``sparsity`` and
+      ``distribution`` then unused).
     include: regex(es) of leaf paths to prune (default: ndim >= 2).
     exclude: regex(es) of leaf paths to keep dense.
     masks: explicit mask tree (then ``scores``/``distribution`` are unused).
@@ -249,6 +307,8 @@ def static_sparse(
   >>> int(get_masks(s)['w'].sum())
   1000
   """
+  pattern = grid.check_pattern(pattern)
+  sparsity = pattern_sparsity("static_sparse", pattern, sparsity)
   if sparsity is None:
     if masks is None:
       raise ValueError("static_sparse needs a sparsity (or explicit masks)")
@@ -260,10 +320,12 @@ def static_sparse(
 
   def init_masks(params, k):
     if masks is not None:
-      return selected_masks(params, masks=masks)
+      given = selected_masks(params, masks=masks)
+      grid.check_masks(pattern, given)
+      return given
     sel = selected_masks(params, include, exclude)
     sc = initial_scores(params, scores, k)
-    return prune_to(params, sc, sparsity, distribution, sel)
+    return prune_to(params, sc, sparsity, distribution, sel, pattern)
 
   policy = MaskPolicy(init_masks=init_masks, target=lambda step: sparsity)
   return sparse_wrapper(inner, policy, key=key)
