@@ -47,20 +47,41 @@ def _block_m(m: int) -> int:
   return min(128, max(16, _common.next_pow2(m)))
 
 
-def _spmm_kernel(ptr_ref, inner_ref, slot_ref, a_ref, w_ref, o_ref, *, bm, bk, transpose):
+# Operand bytes of one software-pipeline stage that fit H100's 227 KiB of shared memory with
+# Triton's buffering, found by compiling every block shape for H100 (benchmarks/compile_sweep.py):
+# spmm stages up to 128 KiB compile, 192 KiB do not; sddmm (both operands pipelined) 80 KiB
+# compile, 128 KiB do not.
+_SPMM_STAGE_BYTES = 128 * 1024
+_SDDMM_STAGE_BYTES = 96 * 1024
+
+
+def _reduction_tile(bm: int, bk: int, bo: int, itemsize: int) -> int:
+  """Reduction sub-tile of a block for spmm: ``bk`` halved until a stage fits."""
+  tk = bk
+  while tk > 16 and (bm * tk + tk * bo) * itemsize > _SPMM_STAGE_BYTES:
+    tk //= 2
+  return tk
+
+
+def _spmm_kernel(ptr_ref, inner_ref, slot_ref, a_ref, w_ref, o_ref, *, bm, bk, tk, transpose):
   row = pl.program_id(0)
   group = pl.program_id(1)
   rows = pl.ds(pl.multiple_of(row * bm, bm), bm)
+  chunks = bk // tk  # each stored block's reduction in ``chunks`` sub-tiles of ``tk``
 
-  def step(t, acc):
-    cols = pl.ds(pl.multiple_of(inner_ref[t] * bk, bk), bk)
+  def step(u, acc):
+    t, c = lax.div(u, chunks), lax.rem(u, chunks)
+    cols = pl.ds(pl.multiple_of(inner_ref[t] * bk + c * tk, tk), tk)
+    part = pl.ds(pl.multiple_of(c * tk, tk), tk)
     a = a_ref[rows, cols]
-    blk = w_ref[slot_ref[t]]
     if transpose:
+      blk = w_ref[slot_ref[t], :, part]
       return acc + lax.dot_general(a, blk, _NT, preferred_element_type=jnp.float32)
+    blk = w_ref[slot_ref[t], part, :]
     return acc + jnp.dot(a, blk, preferred_element_type=jnp.float32)
 
-  acc = lax.fori_loop(ptr_ref[group], ptr_ref[group + 1], step, jnp.zeros(o_ref.shape, jnp.float32))
+  acc = lax.fori_loop(ptr_ref[group] * chunks, ptr_ref[group + 1] * chunks, step,
+                      jnp.zeros(o_ref.shape, jnp.float32))
   o_ref[...] = acc.astype(o_ref.dtype)
 
 
@@ -87,24 +108,28 @@ def spmm(
   m = a.shape[0]
   bm = block_m or _block_m(m)
   a_p = _common.pad_rows(a, bm)
-  kernel = functools.partial(_spmm_kernel, bm=bm, bk=bk, transpose=transpose)
+  tk = _reduction_tile(bm, bk, bo, jnp.dtype(a.dtype).itemsize)
+  kernel = functools.partial(_spmm_kernel, bm=bm, bk=bk, tk=tk, transpose=transpose)
   out = pl.pallas_call(
       kernel,
       out_shape=jax.ShapeDtypeStruct((a_p.shape[0], groups * bo), a.dtype),
       grid=(a_p.shape[0] // bm, groups),
       in_specs=[_ANY] * 5,
       out_specs=pl.BlockSpec((bm, bo), lambda i, g: (i, g)),
-      compiler_params=None if interpret else _compiler_params(num_warps or (8 if bm * bo >= 128 * 128 else 4), num_stages),
+      # 8 warps once the accumulator or the activation tile holds 128 x 128 float32 values.
+      compiler_params=None if interpret else _compiler_params(
+          num_warps or (8 if max(bm * bo, bm * tk) >= 128 * 128 else 4), num_stages),
       interpret=interpret,
       name="bsr_spmm_t" if transpose else "bsr_spmm",
   )(ptr, inner, slot, a_p, w.blocks)
   return out[:m]
 
 
-def _sddmm_kernel(nnzb_ref, row_ref, col_ref, a_ref, b_ref, o_ref, *, bm, br, bc, row_tiles):
+def _sddmm_kernel(nnzb_ref, row_ref, col_ref, a_ref, b_ref, o_ref, *, bm, br, bc, tc, row_tiles):
   p = pl.program_id(0)
+  part = pl.program_id(1)  # column part of the block: ``tc`` of its ``bc`` columns
   a_cols = pl.ds(pl.multiple_of(row_ref[p] * br, br), br)
-  b_cols = pl.ds(pl.multiple_of(col_ref[p] * bc, bc), bc)
+  b_cols = pl.ds(pl.multiple_of(col_ref[p] * bc + part * tc, tc), tc)
 
   def step(r, acc):
     rows = pl.ds(pl.multiple_of(r * bm, bm), bm)
@@ -113,7 +138,7 @@ def _sddmm_kernel(nnzb_ref, row_ref, col_ref, a_ref, b_ref, o_ref, *, bm, br, bc
   # Padding slots get zeros. Both bounds int32 scalars: a where() of Python ints lowers to an i1
   # bound that Triton's scf.for verifier rejects (found by compiling for H100, pallas_kernels.aot).
   trips = lax.select(p < nnzb_ref[0], jnp.int32(row_tiles), jnp.int32(0))
-  acc = lax.fori_loop(0, trips, step, jnp.zeros((br, bc), jnp.float32))
+  acc = lax.fori_loop(0, trips, step, jnp.zeros((br, tc), jnp.float32))
   o_ref[...] = acc.astype(o_ref.dtype)
 
 
@@ -138,15 +163,23 @@ def sddmm(
   br, bc = w.block_shape
   m = a.shape[0]
   bm = block_m or min(64, max(16, _common.next_pow2(m)))
+  while block_m is None and bm > 16 and bm * (br + bc) * jnp.dtype(a.dtype).itemsize > _SDDMM_STAGE_BYTES:
+    bm //= 2
+  # The output block in column parts of at most 128 x 256 float32 accumulators: the epilogue
+  # stages the accumulator through shared memory (a 256 x 256 one needs 256 KiB).
+  tc = bc
+  while tc > 16 and br * tc > 128 * 256:
+    tc //= 2
   a_p, b_p = _common.pad_rows(a, bm), _common.pad_rows(b, bm)
-  kernel = functools.partial(_sddmm_kernel, bm=bm, br=br, bc=bc, row_tiles=a_p.shape[0] // bm)
+  kernel = functools.partial(_sddmm_kernel, bm=bm, br=br, bc=bc, tc=tc, row_tiles=a_p.shape[0] // bm)
   return pl.pallas_call(
       kernel,
       out_shape=jax.ShapeDtypeStruct(w.blocks.shape, w.dtype),
-      grid=(w.capacity,),
+      grid=(w.capacity, bc // tc),
       in_specs=[_ANY] * 5,
-      out_specs=pl.BlockSpec((None, br, bc), lambda p: (p, 0, 0)),
-      compiler_params=None if interpret else _compiler_params(num_warps or (8 if br * bc >= 128 * 128 else 4), num_stages),
+      out_specs=pl.BlockSpec((None, br, tc), lambda p, c: (p, 0, c)),
+      compiler_params=None if interpret else _compiler_params(
+          num_warps or (8 if br * tc >= 128 * 128 else 4), num_stages),
       interpret=interpret,
       name="bsr_sddmm",
   )(w.nnzb.reshape(1), w.row_idx, w.col_idx, a_p, b_p)
