@@ -109,6 +109,103 @@ class BlockSparseDense(nnx.Module):
       getattr(self, name)[...] = getattr(w, name)
 
   @classmethod
+  def from_kernel(
+      cls,
+      kernel: jax.Array,
+      mask: jax.Array,
+      *,
+      bias: jax.Array | None = None,
+      block_shape: tuple[int, int],
+      capacity: int | None = None,
+      dtype: Any | None = None,
+      backend: str | None = None,
+      path: str = "kernel",
+  ) -> BlockSparseDense:
+    """From a trained dense ``(in, out)`` kernel, its block mask and an optional bias.
+
+    Values outside the mask are dropped (the layer computes ``x @ (kernel * mask) + bias``). The
+    mask must be constant on ``block_shape`` blocks, as masks trained with
+    ``pattern=sparsejax.Block(*block_shape)`` are; otherwise a ``ValueError`` names ``path``
+    and the first partly kept block (the kernel is never re-pruned). Call it outside ``jit``
+    (the mask must be concrete unless ``capacity`` is given).
+
+    >>> import jax.numpy as jnp
+    >>> kernel, bias = jnp.arange(32.).reshape(4, 8), jnp.ones(8)
+    >>> mask = jnp.zeros((4, 8), bool).at[:2, 4:].set(True)
+    >>> layer = BlockSparseDense.from_kernel(kernel, mask, bias=bias, block_shape=(2, 4))
+    >>> bool(jnp.allclose(layer(jnp.ones((1, 4))), jnp.ones((1, 4)) @ (kernel * mask) + bias))
+    True
+    """
+    kernel = jnp.asarray(kernel)
+    # Validates shapes, dtype and block-constancy with ``path`` in the error messages.
+    w = bsr_from_dense(kernel, mask, block_shape, capacity=capacity, path=path)
+    if bias is not None and tuple(jnp.shape(bias)) != (kernel.shape[1],):
+      raise ValueError(f"{path!r}: bias shape {tuple(jnp.shape(bias))} does not match the kernel's "
+                       f"output size {kernel.shape[1]}; pass the layer's (out,) bias.")
+    return cls(
+        kernel.shape[0],
+        kernel.shape[1],
+        block_shape=block_shape,
+        mask=mask,
+        capacity=w.capacity,
+        use_bias=bias is not None,
+        dtype=dtype,
+        param_dtype=kernel.dtype,
+        kernel_init=lambda *_: kernel,
+        bias_init=lambda *_: jnp.asarray(bias, kernel.dtype),
+        backend=backend,
+        rngs=nnx.Rngs(0),
+    )
+
+  @classmethod
+  def from_params(
+      cls,
+      params: Any,
+      mask: Any,
+      *,
+      block_shape: tuple[int, int],
+      capacity: int | None = None,
+      dtype: Any | None = None,
+      backend: str | None = None,
+      path: str = "",
+  ) -> BlockSparseDense:
+    """From a Flax Linen ``nn.Dense`` param dict (``{'kernel': ..., 'bias': ...}``) and its mask.
+
+    ``mask`` is the kernel's bool mask, or the matching sub-tree of a sparsejax mask tree
+    (``{'kernel': mask, 'bias': None}``). ``path`` (e.g. ``"params/Dense_0"``) prefixes the
+    leaf names in error messages.
+
+    >>> import jax, jax.numpy as jnp
+    >>> import flax.linen as nn
+    >>> dense = nn.Dense(8)
+    >>> p = dense.init(jax.random.key(0), jnp.ones((1, 4)))["params"]
+    >>> mask = jnp.zeros((4, 8), bool).at[:, :4].set(True)
+    >>> layer = BlockSparseDense.from_params(p, mask, block_shape=(4, 4))
+    >>> x = jnp.ones((2, 4))
+    >>> bool(jnp.allclose(layer(x), dense.apply({"params": {"kernel": p["kernel"] * mask, "bias": p["bias"]}}, x)))
+    True
+    """
+    where = f"{path}/kernel" if path else "kernel"
+    if not hasattr(params, "keys") or "kernel" not in params:
+      raise ValueError(f"{path or 'params'}: expected a Dense param dict with a 'kernel' (and "
+                       f"optionally 'bias'), got {type(params).__name__}"
+                       + (f" with keys {sorted(params.keys())}" if hasattr(params, "keys") else ""))
+    extra = sorted(set(params.keys()) - {"kernel", "bias"})
+    if extra:
+      raise ValueError(f"{path or 'params'}: a Dense param dict holds 'kernel' and 'bias', not "
+                       f"{extra}; convert Dense layers only.")
+    if hasattr(mask, "keys"):
+      if mask.get("bias") is not None:
+        raise ValueError(f"{path or 'params'}: the bias is masked; BlockSparseDense keeps a dense "
+                         "bias (exclude biases from the sparse transformation).")
+      mask = mask["kernel"]
+    if mask is None:
+      raise ValueError(f"{where!r}: the kernel has no mask (it is dense); keep it as nn.Dense.")
+    return cls.from_kernel(params["kernel"], mask, bias=params.get("bias"),
+                           block_shape=block_shape, capacity=capacity, dtype=dtype,
+                           backend=backend, path=where)
+
+  @classmethod
   def from_linear(
       cls,
       linear: nnx.Linear,
@@ -118,6 +215,7 @@ class BlockSparseDense(nnx.Module):
       capacity: int | None = None,
       dtype: Any | None = None,
       backend: str | None = None,
+      path: str = "kernel",
   ) -> BlockSparseDense:
     """Converts a trained ``nnx.Linear`` and its block mask (values outside the mask are dropped).
 
@@ -129,19 +227,6 @@ class BlockSparseDense(nnx.Module):
     >>> bool(jnp.allclose(sparse(jnp.ones((2, 32))), jnp.ones((2, 32)) @ (dense.kernel[...] * mask) + dense.bias[...]))
     True
     """
-    kernel = linear.kernel[...]
     bias = None if linear.bias is None else linear.bias[...]
-    return cls(
-        kernel.shape[0],
-        kernel.shape[1],
-        block_shape=block_shape,
-        mask=mask,
-        capacity=capacity,
-        use_bias=bias is not None,
-        dtype=dtype,
-        param_dtype=kernel.dtype,
-        kernel_init=lambda *_: kernel,
-        bias_init=lambda *_: bias,
-        backend=backend,
-        rngs=nnx.Rngs(0),
-    )
+    return cls.from_kernel(linear.kernel[...], mask, bias=bias, block_shape=block_shape,
+                           capacity=capacity, dtype=dtype, backend=backend, path=path)
