@@ -102,10 +102,10 @@ def _record_backends(monkeypatch):
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="checks the CPU choice")
-def test_automatic_backend_on_cpu_is_reference(monkeypatch):
+def test_automatic_backend_on_cpu_is_xla_cpu(monkeypatch):
   _, seen = _record_backends(monkeypatch)
   bsr_matmul(jnp.ones((1, 16)), bsr_from_dense(jnp.ones((16, 16)), np.ones((16, 16), bool), (16, 16)))
-  assert seen == ["reference"]
+  assert seen == ["xla_cpu"]
 
 
 def test_automatic_mosaic_gpu_sends_float32_to_triton(monkeypatch):

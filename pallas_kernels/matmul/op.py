@@ -20,11 +20,17 @@ from pallas_kernels.matmul.format import SUPPORTED_DTYPES, BlockSparseMatrix, _n
 # backend -> (module, interpret flag forced)
 _MODULES = {
     "reference": ("reference", None),
+    "xla_cpu": ("xla_cpu", None),
     "interpret": ("kernel_triton", True),
     "triton": ("kernel_triton", None),
     "tpu": ("kernel_tpu", None),
     "mosaic_gpu": ("kernel_mosaic_gpu", None),
 }
+
+
+# Pure-XLA backends (no Pallas kernel, no interpret flag). "xla_cpu" is matmul-only, so it is
+# resolved here rather than in pallas_kernels._platform (shared with attention).
+_XLA_BACKENDS = ("reference", "xla_cpu")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,7 +46,7 @@ class _Impl:
     return importlib.import_module(f"pallas_kernels.matmul.{_MODULES[self.backend][0]}")
 
   def _kw(self):
-    return {} if self.backend == "reference" else {"interpret": self.interpret}
+    return {} if self.backend in _XLA_BACKENDS else {"interpret": self.interpret}
 
   def spmm(self, a, w, transpose):
     return self.module.spmm(a, w, transpose=transpose, **self._kw())
@@ -51,7 +57,11 @@ class _Impl:
 
 def _resolve(backend, interpret, dtype, w, path) -> _Impl:
   explicit = backend is not None
-  name = resolve_backend(backend)
+  if explicit and backend not in _MODULES:
+    raise ValueError(f"{_name(path)}: unknown backend {backend!r}; expected one of {tuple(_MODULES)} or None (automatic)")
+  name = backend if backend in _XLA_BACKENDS else resolve_backend(backend)
+  if not explicit and name == "reference" and jax.default_backend() == "cpu":
+    name = "xla_cpu"  # the block-sparse XLA:CPU path; "reference" multiplies by the dense weight
   if not explicit and name == "mosaic_gpu" and jnp.dtype(dtype) == jnp.float32:
     name = "triton"  # wgmma kernels take 16-bit inputs; float32 goes through Triton
   forced = _MODULES[name][1]
@@ -99,9 +109,11 @@ def bsr_matmul(
     x: activations ``[..., in]``, float32, bfloat16 or float16.
     w: the weight (see :func:`bsr_from_dense`).
     backend: ``None`` picks by platform (Mosaic GPU on Hopper for 16-bit inputs, Triton on other
-      GPUs and for float32, Mosaic TPU on TPU, the XLA reference on CPU); or one of
+      GPUs and for float32, Mosaic TPU on TPU, ``"xla_cpu"`` on CPU); or one of
       ``"mosaic_gpu"``, ``"triton"``, ``"tpu"``, ``"interpret"`` (the Triton kernel run by the
-      Pallas interpreter, any platform), ``"reference"``.
+      Pallas interpreter, any platform), ``"xla_cpu"`` (loops of GEMMs over the stored blocks in
+      plain XLA, tuned for XLA:CPU, any platform), ``"reference"`` (XLA through the dense weight:
+      the correctness reference).
     interpret: run the chosen Pallas kernel in interpret mode (``"tpu"`` under
       ``pltpu.InterpretParams()``, ``"mosaic_gpu"`` under the Mosaic GPU interpreter).
     path: name used in error messages.
