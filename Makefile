@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: demo test venv clean
+.PHONY: demo test test-aot compile-sweep venv clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,20 @@ demo: venv
 
 test: venv
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Compiles the kernels and examples for TPU (v5e, v6e, v5p) and H100 targets without the
+# devices: installs the `aot` extra (libtpu and the CUDA plugin for the venv's jax, ~1.2 GB)
+# into $(VENV) and runs the tests marked `aot`. GPU targets also need ptxas (CUDA >= 12.8) on PATH.
+$(VENV)/.aot-installed: $(VENV)/.installed
+	$(PY) -m pip install -q -e ".[dev,aot]"
+	touch $@
+
+test-aot: $(VENV)/.aot-installed
+	$(PY) -m pytest -m aot $(PYTEST_ARGS)
+
+# The full compile sweep (every kernel x target x configuration); see benchmarks/RESULTS.md.
+compile-sweep: $(VENV)/.aot-installed
+	$(PY) benchmarks/compile_sweep.py $(SWEEP_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

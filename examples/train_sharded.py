@@ -23,7 +23,16 @@ Examples::
   XLA_FLAGS=--xla_force_host_platform_device_count=8 \\
     python examples/train_sharded.py --steps 600 --checkpoint-dir /tmp/lm --resume
 
-The last line printed is ``RESULT {json}`` with the final metrics.
+  # before paying for a TPU slice: compile the sharded train step for it here
+  python examples/train_sharded.py --aot tpu:v5e-8     # also tpu:v5p-8, cuda:h100x8
+
+The last line printed is ``RESULT {json}`` with the final metrics (with
+``--aot``: per-device memory and compile time of each layout).
+
+``--aot TARGET`` needs no device: it builds the mesh from the target's
+topology (``pallas_kernels.aot``; install the ``aot`` extra), compiles the
+train step ahead of time for the FSDP and the tensor-parallel layout, prints
+per-device memory and compile time, and runs nothing.
 """
 
 from __future__ import annotations
@@ -322,6 +331,49 @@ class Trainer:
     return float(np.mean([float(x) for x in losses]))
 
 
+def compile_for_target(cfg: Config, target: str, layouts=("fsdp", "tensor")):
+  """Compiles the train step for ``target`` (e.g. ``"tpu:v5e-8"``) without its devices.
+
+  One row per layout: FSDP on a ``(devices, 1)`` mesh, tensor parallelism on
+  ``(devices / m, m)`` with ``m = --model-parallel`` (2 if that is 1).
+  Returns the rows: layout, mesh, compile seconds, per-device bytes.
+  """
+  from pallas_kernels import aot  # pylint: disable=g-import-not-at-top
+  missing = aot.missing_dependencies(target)
+  if missing:
+    raise SystemExit(f"--aot {target}: {missing}")
+  n = aot.target(target).num_devices
+  rows = []
+  for layout in layouts:
+    mp = 1 if layout == "fsdp" else (cfg.model_parallel if cfg.model_parallel > 1 else 2)
+    if n % mp:
+      raise SystemExit(f"--model-parallel {mp} does not divide the {n} devices of {target}")
+    c = dataclasses.replace(cfg, param_sharding=layout, model_parallel=mp)
+    trainer = Trainer(c, mesh=aot.mesh(target, (n // mp, mp), ("data", "model")))
+    state = trainer.abstract_state()
+    batch = jax.ShapeDtypeStruct((c.batch_size, c.seq_len + 1), jnp.int32,
+                                 sharding=trainer.batch_sh)
+    t0 = time.perf_counter()
+    compiled = trainer.train_step.trace(state, batch).lower().compile()
+    seconds = time.perf_counter() - t0
+    rows.append({"layout": layout, "mesh": dict(trainer.mesh.shape),
+                 "compile_seconds": round(seconds, 2),
+                 "memory": aot.memory_stats(compiled)})
+  return rows
+
+
+def print_memory_table(target: str, rows) -> None:
+  mib = lambda b: f"{b / 2**20:9.2f}"
+  print(f"train step compiled for {target} (per device, MiB; nothing ran)")
+  print(f"{'layout':8s} {'mesh':18s} {'compile s':>9s} {'params+state':>12s} "
+        f"{'output':>9s} {'temp':>9s} {'peak':>9s}")
+  for r in rows:
+    m = r["memory"]
+    mesh = "x".join(f"{k}={v}" for k, v in r["mesh"].items())
+    print(f"{r['layout']:8s} {mesh:18s} {r['compile_seconds']:9.2f} "
+          f"{mib(m['argument']):>12s} {mib(m['output'])} {mib(m['temp'])} {mib(m['peak'])}")
+
+
 def _progress(total, initial, enabled):
   try:
     from tqdm.auto import tqdm
@@ -436,6 +488,9 @@ def parse_args(argv=None):
                  help="no progress bar")
   p.add_argument("--distributed", action="store_true",
                  help="call jax.distributed.initialize() (multi-host launch)")
+  p.add_argument("--aot", metavar="TARGET",
+                 help="compile the train step for TARGET (tpu:v5e-8, tpu:v5p-8, "
+                      "cuda:h100x8, ...) without its devices, print memory, exit")
   p.add_argument("--write-corpus", metavar="PATH",
                  help="write the generated corpus to PATH and exit")
   return p.parse_args(argv)
@@ -453,6 +508,12 @@ def main(argv=None):
                   for f in dataclasses.fields(Config)})
   if cfg.corpus != "generated" and not os.path.exists(cfg.corpus):
     raise SystemExit(f"--corpus {cfg.corpus}: no such file (use 'generated')")
+  if args.aot:
+    rows = compile_for_target(cfg, args.aot)
+    print_memory_table(args.aot, rows)
+    result = {"target": args.aot, "layouts": rows}
+    print("RESULT " + json.dumps(result), flush=True)
+    return result
   result = run(cfg, checkpoint_dir=args.checkpoint_dir, resume=args.resume,
                save_every=args.save_every, keep=args.keep,
                log_every=args.log_every, progress=not args.no_progress)

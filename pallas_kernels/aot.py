@@ -44,7 +44,8 @@ import jax
 import numpy as np
 
 __all__ = ["TARGETS", "Target", "KernelStats", "CompileReport", "target", "missing_dependencies",
-           "compile_for", "versions", "parse_ptxas"]
+           "compile_for", "versions", "parse_ptxas", "memory_stats", "mesh", "devices",
+           "target_context"]
 
 _TARGET_DIR = Path(__file__).parent / "targets"
 
@@ -185,9 +186,8 @@ class KernelStats:
     registers: registers per thread.
     spill_stores, spill_loads: bytes of spill stores / loads per thread.
     stack_frame: stack frame bytes per thread.
-    smem: static shared memory bytes per CTA (Mosaic GPU kernels allocate theirs dynamically;
-      see ``dynamic_smem``).
-    dynamic_smem: dynamic shared memory bytes per CTA where known (Mosaic GPU kernels), else 0.
+    smem: static shared memory bytes per CTA (ptxas; the dynamic shared memory that Mosaic GPU
+      and Triton kernels use is set at launch and not in ptxas's report).
     source: ``"mosaic_gpu"``, ``"triton"`` (a Pallas Triton kernel) or ``"xla"`` (XLA's own
       fusions).
     warnings: ptxas warnings about this kernel (e.g. serialised wgmma).
@@ -199,7 +199,6 @@ class KernelStats:
   spill_loads: int
   stack_frame: int
   smem: int
-  dynamic_smem: int = 0
   source: str = "xla"
   warnings: tuple[str, ...] = ()
 
@@ -291,7 +290,7 @@ def parse_ptxas(text: str, source: str = "xla") -> list[KernelStats]:
     if "registers" not in s:
       continue  # a non-entry function's properties
     out.append(KernelStats(name, s["registers"], s.get("spill_stores", 0), s.get("spill_loads", 0),
-                           s.get("stack_frame", 0), s.get("smem", 0), 0, source,
+                           s.get("stack_frame", 0), s.get("smem", 0), source,
                            tuple(warnings.get(name, ()))))
   return out
 
@@ -307,17 +306,30 @@ def _run_ptxas(ptx_file: Path) -> str:
   return proc.stdout + proc.stderr
 
 
-def _gpu_kernel_stats(mosaic_dir: Path, xla_dir: Path) -> list[KernelStats]:
-  stats = []
-  for f in sorted(mosaic_dir.glob("*.ptxas")):
-    stats += [dataclasses.replace(k, name=f"{f.stem}:{k.name}")
-              for k in parse_ptxas(f.read_text(errors="replace"), "mosaic_gpu")]
+# Mosaic GPU compiles each distinct kernel once per process (and dumps it only then): the figures
+# of kernels seen before, by the kernel hash in the custom call.
+_MOSAIC_SEEN: dict[str, KernelStats] = {}
+
+
+def _gpu_kernel_stats(mosaic_dir: Path, xla_dir: Path, ir: str) -> list[KernelStats]:
+  dumped = []
+  for f in sorted(mosaic_dir.glob("*.ptxas"), key=lambda f: f.stat().st_mtime_ns):
+    dumped += [dataclasses.replace(k, name=f"{f.stem}:{k.name}")
+               for k in parse_ptxas(f.read_text(errors="replace"), "mosaic_gpu")]
+  hashes = list(dict.fromkeys(re.findall(r'custom_call @mosaic_gpu\w*\([^\n]*?kernel_hash = "([^"]*)"', ir)))
+  new = [h for h in hashes if h not in _MOSAIC_SEEN]
+  if len(new) == len(dumped):
+    _MOSAIC_SEEN.update(zip(new, dumped))
+    stats = [_MOSAIC_SEEN[h] for h in hashes]
+  else:  # cannot match dumps to kernels: report what was dumped
+    stats = dumped
   for f in sorted(xla_dir.glob("*.ptx")):
     stats += parse_ptxas(_run_ptxas(f), "xla")
   return stats
 
 
-def _memory(compiled) -> dict[str, int]:
+def memory_stats(compiled) -> dict[str, int]:
+  """Per-device bytes of a compiled executable (see :class:`CompileReport`)."""
   m = compiled.memory_analysis()
   if m is None:
     return {}
@@ -435,9 +447,9 @@ def compile_for(fn: Callable, *args, target: str | Target, static_argnums=(),  #
       ir = lowered.as_text()
       kernels = [dataclasses.replace(k, source="triton")
                  if k.source == "xla" and re.search(rf'"{re.escape(k.name)}"', ir) else k
-                 for k in _gpu_kernel_stats(mosaic_dir, xla_dir)]
+                 for k in _gpu_kernel_stats(mosaic_dir, xla_dir, ir)]
     flops, nbytes = _cost(compiled)
-    return CompileReport(t.name, True, None, seconds, _memory(compiled), tuple(kernels), flops,
+    return CompileReport(t.name, True, None, seconds, memory_stats(compiled), tuple(kernels), flops,
                          nbytes)
 
 
