@@ -272,14 +272,15 @@ def test_nm_pattern_one_shot_and_static():
 def test_pattern_errors_name_the_leaf():
   params = {"a": {"kernel": jnp.ones((8, 6))}, "b": jnp.ones((8, 8))}
   with pytest.raises(ValueError, match="'a/kernel'.*does not divide"):
-    so.rigl(optax.sgd(0.1), sparsity=0.5, end_step=10, pattern=sj.Block(4, 4)).init(params)
+    so.rigl(optax.sgd(0.1), sparsity=0.5, update_every=1, end_step=10,
+            pattern=sj.Block(4, 4)).init(params)
   bad = {"a": {"kernel": jnp.ones((8, 6), bool)}, "b": jnp.eye(8, dtype=bool)}
   with pytest.raises(ValueError, match="'b' is not constant on the units"):
     so.static_sparse(optax.sgd(0.1), masks=bad, pattern=sj.Block(2, 2)).init(params)
   with pytest.raises(ValueError, match="gradual schedule"):
     so.gradual_magnitude_pruning(optax.sgd(0.1), sparsity=0.5, end_step=4, pattern=sj.NM(2, 4))
   with pytest.raises(ValueError, match="drop-and-grow"):
-    so.set_training(optax.sgd(0.1), sparsity=0.5, end_step=4, pattern=sj.NM(2, 4))
+    so.set_training(optax.sgd(0.1), sparsity=0.5, update_every=1, end_step=4, pattern=sj.NM(2, 4))
   with pytest.raises(ValueError, match="fixes the sparsity to 0.5"):
     so.one_shot_pruning(optax.sgd(0.1), sparsity=0.9, pattern=sj.NM(2, 4))
   with pytest.raises(TypeError, match="pattern='4x4'"):

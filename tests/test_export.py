@@ -139,3 +139,14 @@ def test_not_block_constant_is_refused_naming_the_leaf():
                                  block_shape=BS)
   with pytest.raises(ValueError, match="does not divide"):
     export.to_block_sparse(variables, block_masks(variables), (5, 5))
+
+
+def test_readme_train_then_export_section_runs():
+  import pathlib  # pylint: disable=import-outside-toplevel
+  import re  # pylint: disable=import-outside-toplevel
+  readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+  body = readme.split("## Train in blocks, export to the kernels", 1)[1].split("\n## ", 1)[0]
+  (code,) = re.findall(r"```python\n(.*?)```", body, flags=re.S)
+  namespace = {"__name__": "__readme__"}
+  exec(compile(code, "README.md:train-export", "exec"), namespace)  # noqa: S102
+  assert isinstance(namespace["fast"].layers[0], BlockSparseDense)

@@ -134,6 +134,17 @@ def _concrete(x):
     return None
 
 
+def _np_grid(pattern, m: np.ndarray, reduce) -> np.ndarray:
+  """``reduce`` (np.any / np.all) over each unit, kept broadcastable to ``m.shape``."""
+  if isinstance(pattern, Block):
+    *lead, rows, cols = m.shape
+    g = m.reshape(*lead, rows // pattern.r, pattern.r, cols // pattern.c, pattern.c)
+    return reduce(g, axis=(-3, -1), keepdims=True).repeat(pattern.r, -3).repeat(
+        pattern.c, -1).reshape(m.shape)
+  ax = _channel_axis(pattern, m.ndim)
+  return reduce(m, axis=tuple(i for i in range(m.ndim) if i != ax), keepdims=True)
+
+
 def check_masks(pattern: Any, masks: Any) -> None:
   """Raises ``ValueError`` (naming the leaf) for shapes ``pattern`` does not fit or
   concrete masks that are not constant on its units (traced masks: shapes only).
@@ -155,8 +166,9 @@ def check_masks(pattern: Any, masks: Any) -> None:
     c = _concrete(m)
     if c is None:
       continue
-    c = jnp.asarray(c)
-    if not bool(jnp.all(expand(pattern, grid_any(pattern, c), c.shape) == c)):
+    c = c.astype(bool)  # NumPy: no compilation for a check on concrete masks
+    if not np.array_equal(np.broadcast_to(_np_grid(pattern, c, np.any), c.shape),
+                          np.broadcast_to(_np_grid(pattern, c, np.all), c.shape)):
       raise ValueError(f"mask at {path!r} is not constant on the units of {pattern!r}; pass masks "
                        f"built with that pattern (e.g. sparsejax.prune(..., pattern={pattern!r})) "
                        "or train without pattern=.")
