@@ -60,12 +60,20 @@ def methods(total: int):
               every, every + 1),
       "RigL": (lambda o: so.rigl(o, sparsity=0.9, update_every=every, end_step=total),
                every, every + 1),
+      "RigL skip-gradient-on-update": (lambda o: so.rigl(
+          o, sparsity=0.9, update_every=every, end_step=total,
+          skip_gradient_on_update=True), every, every + 1),
       "STE 2:4": (lambda o: so.ste(o, nm="2:4"), None, 1),
       "SR-STE 2:4": (lambda o: so.srste(o, nm="2:4"), None, 1),
       "MDGF 1:8": (lambda o: so.mdgf(o, nm="1:8", rate=1e-3), None, 1),
       "SDGF 1:8": (lambda o: so.sdgf(o, nm="1:8", total_steps=total), None, 1),
       "gradient masking 50%": (lambda o: so.gradient_masking(o, fraction=0.5), None, 1),
   }
+
+
+# Variants also timed against a partner method, paired in the same rounds:
+# variant -> partner. skip_gradient_on_update must cost nothing on ordinary steps.
+PAIRED = {"RigL skip-gradient-on-update": "RigL"}
 
 
 def component_steps(params):
@@ -174,7 +182,9 @@ def main():
   base = Runner(build_step(base_tx, False), params, base_tx.init(params), None)
 
   rows = []
-  entries = {n: (f, u, o, None) for n, (f, u, o) in methods(1000).items()}
+  paired_lines = []
+  all_methods = methods(1000)
+  entries = {n: (f, u, o, None) for n, (f, u, o) in all_methods.items()}
   entries.update({n: (None, None, None, so_) for n, so_ in component_steps(params).items()})
   for name, (factory, upd_t, ord_t, custom) in entries.items():
     if args.only and args.only.lower() not in name.lower():
@@ -191,12 +201,22 @@ def main():
       kinds = {"ordinary": Runner(step, params, state, ord_t if has_step else None)}
       if upd_t is not None:
         kinds["mask update"] = Runner(step, params, state, upd_t)
+      if name in PAIRED:
+        p_factory, _, p_ord = all_methods[PAIRED[name]]
+        p_tx = p_factory(optax.adam(1e-3))
+        kinds["partner"] = Runner(build_step(p_tx, False), params, p_tx.init(params), p_ord)
     res = {k: [] for k in kinds}
     base_times = []
     for _ in range(args.rounds):
       base_times.append(base.time(x, y, args.calls))
       for k, runner in kinds.items():
         res[k].append(runner.time(x, y, args.calls))
+    if "partner" in res:  # per-round ratio of the two ordinary steps
+      partner = res.pop("partner")
+      pr = statistics.median(a[0] / c[0] for a, c in zip(res["ordinary"], partner))
+      prc = statistics.median(a[1] / c[1] for a, c in zip(res["ordinary"], partner))
+      paired_lines.append(f"{name} / {PAIRED[name]}, ordinary steps, paired in each round: "
+                          f"{pr:.3f}x (cpu {prc:.3f}x)")
     b = statistics.median(t for t, _ in base_times)
     bc = statistics.median(c for _, c in base_times)
     row = {"method": name, "base_ms": b * 1e3, "component": custom is not None}
@@ -223,6 +243,9 @@ def main():
     mu = (f"{r['mask update']:.2f}x ({r['mask update cpu']:.2f}x)" if "mask update" in r
           else "" if r["component"] else "(no mask updates)")
     print(f"| {r['method']} | {od} | {mu} |")
+  if paired_lines:
+    print()
+    print("\n".join(paired_lines))
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ traced arrays (for example under ``optax.inject_hyperparams``). Arguments are
 range-checked when they are concrete Python or NumPy values, so a bad value
 raises at construction time and a traced one never forces a host sync.
 
-The formulas and test vectors follow ``ALGORITHMS.md``:
+The formulas follow the papers cited below (test vectors in ``tests/test_schedules.py``):
 
 * :func:`polynomial_sparsity` -- gradual magnitude pruning (Zhu & Gupta 2017).
 * :func:`one_shot_sparsity` -- a step function at one step.

@@ -33,7 +33,7 @@ def _sizes(params, names):
   return np.array([params[n]["kernel"].size for n in names], float)
 
 
-# ---------------------------------------------------------------- ALGORITHMS.md §3 vectors
+# ------------------------------------- ERK vectors (Evci et al. 2020, Mocanu et al. 2018)
 
 
 @pytest.mark.parametrize("s, expected", [

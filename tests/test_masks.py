@@ -127,7 +127,11 @@ def test_summary_table_values():
   assert bias[0] == "fc/bias" and bias[2] == "0.0000" and bias[3] == "2" and bias[-1] == "-"
   # 3 of 8 kept: sparsity 0.625, 32 dense bytes, 3*4 + ceil(8/8) sparse bytes, 2*3 FLOPs per row.
   assert kern[3:5] == ["0.6250", "3"] and kern[5:7] == ["32", "B"] and kern[7:9] == ["13", "B"] and kern[-1] == "6"
-  assert total[0] == "total" and total[1] == f"{1 - 5 / 10:.4f}" and total[2] == "5"
+  # "all leaves" counts the dense bias as kept (global_sparsity(m, p)); "masked leaves"
+  # only the kernel (global_sparsity(m)).
+  assert total[:2] == ["all", "leaves"] and total[2] == f"{1 - 5 / 10:.4f}" and total[3] == "5"
+  masked = lines[-2].split()
+  assert masked[:2] == ["masked", "leaves"] and masked[2] == "0.6250" and masked[3] == "3"
 
 
 def test_export_import_roundtrip_and_int_masks():

@@ -1,4 +1,4 @@
-"""Schedules against the ALGORITHMS.md vectors and independent float64 formulas."""
+"""Schedules against hand-computed vectors and independent float64 formulas."""
 
 import doctest
 import math
@@ -18,7 +18,7 @@ from sparsejax import schedules as sch
 @pytest.mark.parametrize("t, want", [(0, 0.0), (100, 0.2439), (200, 0.4392), (500, 0.7875),
                                      (900, 0.8991), (1000, 0.9), (5000, 0.9)])
 def test_cubic_vector(t, want):
-  # ALGORITHMS.md §1: s_i=0, s_f=0.9, t0=0, n=10, dt=100.
+  # Zhu & Gupta 2017 (gradual pruning) schedule: s_i=0, s_f=0.9, t0=0, n=10, dt=100.
   got = float(sch.polynomial_sparsity(t, 0.9, 0, 1000))
   assert got == pytest.approx(want, abs=1e-4)
 

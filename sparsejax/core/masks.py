@@ -276,12 +276,16 @@ def _fmt_bytes(n: float) -> str:
 
 
 def summary(params: Any, masks: Any) -> str:
-  """Text table of per-leaf and total sparsity.
+  """Text table of per-leaf sparsity and two totals.
 
   Columns: path, shape, sparsity, nnz (kept entries), dense bytes, sparse bytes
   (kept values + a 1-bit-per-entry bitmap), and matmul FLOPs per input row
   (``2 * nnz`` multiply-adds for leaves with ndim >= 2: per token for a Dense
   kernel, per output position for a conv kernel; ``-`` for 1-D leaves).
+  The two total rows differ in what they count: ``masked leaves`` only the
+  masked leaves (its sparsity is :func:`global_sparsity` ``(masks)``), ``all
+  leaves`` every leaf, dense ones (biases, norms) as fully kept (its sparsity
+  is :func:`global_sparsity` ``(masks, params)``).
 
   Args:
     params: parameter pytree.
@@ -292,13 +296,15 @@ def summary(params: Any, masks: Any) -> str:
 
   >>> import jax.numpy as jnp
   >>> print(summary({'w': jnp.zeros((2, 2))}, {'w': jnp.array([[True, False], [False, False]])}))
-  path   shape   sparsity  nnz  bytes  sparse bytes  FLOPs/row
-  w      (2, 2)  0.7500    1    16 B   5 B           2
-  total          0.7500    1    16 B   5 B           2
+  path           shape   sparsity  nnz  bytes  sparse bytes  FLOPs/row
+  w              (2, 2)  0.7500    1    16 B   5 B           2
+  masked leaves          0.7500    1    16 B   5 B           2
+  all leaves             0.7500    1    16 B   5 B           2
   """
   validate_masks(masks, params)
   rows = [("path", "shape", "sparsity", "nnz", "bytes", "sparse bytes", "FLOPs/row")]
   t_size = t_nnz = t_bytes = t_sparse = t_flops = 0
+  m_size = m_nnz = m_bytes = m_sparse = m_flops = 0
   for (path, m), (_, p) in zip(_mask_leaves(masks), _paths.paths_with_leaves(params)):
     shape = tuple(np.shape(p))
     size = int(np.prod(shape))
@@ -318,7 +324,15 @@ def summary(params: Any, masks: Any) -> str:
     t_bytes += dense_b
     t_sparse += sparse_b
     t_flops += flops or 0
-  rows.append(("total", "", f"{1 - t_nnz / max(t_size, 1):.4f}", str(t_nnz), _fmt_bytes(t_bytes),
+    if m is not None:
+      m_size += size
+      m_nnz += k
+      m_bytes += dense_b
+      m_sparse += sparse_b
+      m_flops += flops or 0
+  rows.append(("masked leaves", "", f"{1 - m_nnz / max(m_size, 1):.4f}", str(m_nnz),
+               _fmt_bytes(m_bytes), _fmt_bytes(m_sparse), str(m_flops)))
+  rows.append(("all leaves", "", f"{1 - t_nnz / max(t_size, 1):.4f}", str(t_nnz), _fmt_bytes(t_bytes),
                _fmt_bytes(t_sparse), str(t_flops)))
   widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
   lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]

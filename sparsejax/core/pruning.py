@@ -360,8 +360,10 @@ def drop_and_grow(params: PyTree, masks: PyTree, drop_scores: PyTree | None,
   For each masked leaf: ``n_drop = floor(n_active * drop_fraction)``; the ``n_drop`` active
   positions with the smallest ``drop_scores`` are dropped, then the ``n_drop`` positions with
   the largest ``grow_scores`` among those not kept after the drop are grown (just-dropped
-  positions are eligible, ALGORITHMS.md §5). Grown weights are set to 0 (also a just-dropped
-  one that is grown back); kept weights are unchanged; dropped weights become 0.
+  positions are eligible, as in RigL, Evci et al. 2020, "Rigging the Lottery"). Grown weights
+  are set to 0 (also a just-dropped one that is grown back; ``sparsejax.optim.rigl`` keeps
+  those instead, ``reinit_when_same=False``); kept weights are unchanged; dropped weights
+  become 0.
 
   SET: ``drop_scores=magnitude(params)`` (or None), ``grow_scores=random_scores(params, key)``.
   RigL: ``grow_scores=gradient_magnitude(dense_grads)`` (gradients w.r.t. the masked weights,

@@ -4,8 +4,13 @@ Every ``update_every`` steps, per masked leaf, ``floor(n_active * alpha_t)``
 active weights with the smallest magnitude are dropped and as many positions
 are grown -- at random (SET) or by the magnitude of the dense gradient
 (RigL). ``alpha_t`` follows :func:`sparsejax.schedules.cosine_drop_fraction`
-and reaches 0 at ``end_step``. Grown weights start at exactly 0 and their
-inner-optimizer moments are reset (generic, via ``tree_map_params``).
+and reaches 0 at ``end_step``. Newly grown weights start at exactly 0 and their
+inner-optimizer moments are reset (generic, via ``tree_map_params``). A weight
+that is dropped and grown back in the same update is not new: it keeps its
+value and moments, as ``reinit_when_same=False`` in the reference RigL code
+(Evci et al. 2020, github.com/google-research/rigl); pass
+``reinit_when_same=True`` to restart it too. A leaf whose mask is all True
+(e.g. a layer ERK leaves dense) is therefore never changed by a mask update.
 
 The gradients passed to ``update`` must be the dense gradients w.r.t. the
 stored (masked) weights: since pruned weights are stored as exact zeros, plain
@@ -81,7 +86,7 @@ def dynamic_sparse(
     grow: str = "gradient", update_every=100, drop_fraction=0.3, end_step,
     begin_step=None, distribution: Any = "erk", init_scores: Any = "random",
     key: Any = 0, skip_gradient_on_update: bool = False, reset_moments: bool = True,
-    pattern=None, include=None, exclude=None, masks=None,
+    reinit_when_same: bool = False, pattern=None, include=None, exclude=None, masks=None,
 ) -> optax.GradientTransformationExtraArgs:
   """Drop-and-grow sparse training (the mechanism behind SET and RigL).
 
@@ -104,6 +109,9 @@ def dynamic_sparse(
     key: int seed or PRNG key (initial masks, random growth).
     skip_gradient_on_update: no gradient step on update iterations (TF RigL).
     reset_moments: zero the inner optimizer's moments of grown weights.
+    reinit_when_same: also restart (value 0, moments reset) a weight that is
+      dropped and grown back in the same update; by default it keeps its value
+      and moments (reference RigL's ``reinit_when_same=False``).
     pattern: ``None`` (unstructured) or ``sparsejax.Block(r, c)``: masks of
       whole ``r x c`` blocks of the last two dims; ``n_drop`` is counted in
       blocks, blocks are dropped by the block sum of ``|W|`` and grown by the
@@ -115,7 +123,12 @@ def dynamic_sparse(
     masks: explicit initial mask tree.
 
   Returns:
-    An ``optax.GradientTransformationExtraArgs``.
+    An ``optax.GradientTransformationExtraArgs``. Keep it the outermost
+      transformation (only ``MultiSteps``, ``apply_if_finite`` or
+      ``inject_hyperparams`` around it: anything after it that changes its
+      updates leaves pruned weights non-zero, counted by
+      :func:`~sparsejax.optim.get_masked_nonzero`); call
+      :func:`~sparsejax.optim.apply_state_masks` right after ``init``.
 
   >>> import jax.numpy as jnp, optax
   >>> tx = dynamic_sparse(optax.adam(1e-2), sparsity=0.5, end_step=100, update_every=1,
@@ -169,6 +182,9 @@ def dynamic_sparse(
       grow_scores = jax.tree.unflatten(
           tdef, [hash_scores(k, jnp.shape(x), i) for i, x in enumerate(leaves)])
     _, new, grown = core_pruning.drop_and_grow(params, old, None, grow_scores, alpha)
+    if not reinit_when_same:  # dropped and grown back: kept, not new
+      grown = jax.tree.map(lambda g, o: None if o is None else g & ~o, grown, old,
+                           is_leaf=lambda x: x is None)
     return new, grown
 
   def update_masks(step, old, params, grads, k):
@@ -193,20 +209,27 @@ def _variant(grow: str, name: str, doc: str):
               update_every=100, drop_fraction=0.3, end_step, begin_step=None,
               distribution: Any = "erk", init_scores: Any = "random", key: Any = 0,
               skip_gradient_on_update: bool = False, reset_moments: bool = True,
-              pattern=None, include=None, exclude=None, masks=None,
+              reinit_when_same: bool = False, pattern=None, include=None, exclude=None,
+              masks=None,
               ) -> optax.GradientTransformationExtraArgs:
     return dynamic_sparse(
         inner, sparsity=sparsity, grow=grow, update_every=update_every,
         drop_fraction=drop_fraction, end_step=end_step, begin_step=begin_step,
         distribution=distribution, init_scores=init_scores, key=key,
         skip_gradient_on_update=skip_gradient_on_update, reset_moments=reset_moments,
-        pattern=pattern, include=include, exclude=exclude, masks=masks)
+        reinit_when_same=reinit_when_same, pattern=pattern, include=include, exclude=exclude,
+        masks=masks)
   variant.__name__ = variant.__qualname__ = name
   variant.__doc__ = doc
   return variant
 
 
 set_training = _variant("random", "set_training", """SET (Mocanu et al. 2018): magnitude drop, random growth.
+
+  Keep it the outermost transformation and call
+  :func:`~sparsejax.optim.apply_state_masks` right after ``init`` (see
+  :func:`dynamic_sparse`, Returns). A dropped weight grown back in the same
+  update keeps its value and moments (``reinit_when_same=False``).
 
   Arguments as in :func:`dynamic_sparse` (with ``grow="random"``). Explicit
   keyword arguments (no ``**kwargs``) keep it usable with
@@ -220,6 +243,11 @@ set_training = _variant("random", "set_training", """SET (Mocanu et al. 2018): m
   """)
 
 rigl = _variant("gradient", "rigl", """RigL (Evci et al. 2020): magnitude drop, dense-gradient growth.
+
+  Keep it the outermost transformation and call
+  :func:`~sparsejax.optim.apply_state_masks` right after ``init`` (see
+  :func:`dynamic_sparse`, Returns). A dropped weight grown back in the same
+  update keeps its value and moments (``reinit_when_same=False``).
 
   Arguments as in :func:`dynamic_sparse` (with ``grow="gradient"``); pass
   ``skip_gradient_on_update=True`` for TF RigL's behaviour (no gradient step

@@ -70,7 +70,12 @@ def nm_training(
     exclude: regex(es) of leaf paths to keep dense.
 
   Returns:
-    An ``optax.GradientTransformationExtraArgs``.
+    An ``optax.GradientTransformationExtraArgs``. Keep it the outermost
+      transformation (only ``MultiSteps``, ``apply_if_finite`` or
+      ``inject_hyperparams`` around it), and run the model on
+      :func:`~sparsejax.optim.forward_params` (pytrees) or
+      :func:`~sparsejax.optim.forward_model` (NNX) in the loss; otherwise it
+      trains dense (:func:`~sparsejax.optim.check_forward_params` detects it).
 
   >>> import jax.numpy as jnp, optax
   >>> tx = nm_training(optax.sgd(0.1), patterns=((0, (1, 2)), (2, (1, 4))))
@@ -171,8 +176,12 @@ def ste(inner: optax.GradientTransformation, *, nm="2:4", axis: int | None = Non
     exclude: regex(es) of leaf paths to keep dense.
 
   Returns:
-    An ``optax.GradientTransformationExtraArgs``; use
-    :func:`sparsejax.optim.forward_params` in the forward pass.
+    An ``optax.GradientTransformationExtraArgs``. Keep it the outermost
+      transformation (only ``MultiSteps``, ``apply_if_finite`` or
+      ``inject_hyperparams`` around it), and run the model on
+      :func:`~sparsejax.optim.forward_params` (pytrees) or
+      :func:`~sparsejax.optim.forward_model` (NNX) in the loss; otherwise it
+      trains dense (:func:`~sparsejax.optim.check_forward_params` detects it).
 
   >>> import jax.numpy as jnp, optax
   >>> from sparsejax.optim import forward_params
@@ -200,7 +209,12 @@ def srste(inner: optax.GradientTransformation, *, nm="2:4", decay=2e-4, axis: in
     exclude: regex(es) of leaf paths to keep dense.
 
   Returns:
-    An ``optax.GradientTransformationExtraArgs``.
+    An ``optax.GradientTransformationExtraArgs``. Keep it the outermost
+      transformation (only ``MultiSteps``, ``apply_if_finite`` or
+      ``inject_hyperparams`` around it), and run the model on
+      :func:`~sparsejax.optim.forward_params` (pytrees) or
+      :func:`~sparsejax.optim.forward_model` (NNX) in the loss; otherwise it
+      trains dense (:func:`~sparsejax.optim.check_forward_params` detects it).
 
   >>> import jax.numpy as jnp, optax
   >>> p = {'w': jnp.array([[1.], [4.], [2.], [3.]])}

@@ -71,7 +71,12 @@ def mdgf(inner: optax.GradientTransformation, *, nm="2:4", rate, kind: str = "li
     exclude: regex(es) of leaf paths to keep dense.
 
   Returns:
-    An ``optax.GradientTransformationExtraArgs``.
+    An ``optax.GradientTransformationExtraArgs``. Keep it the outermost
+      transformation (only ``MultiSteps``, ``apply_if_finite`` or
+      ``inject_hyperparams`` around it), and run the model on
+      :func:`~sparsejax.optim.forward_params` (pytrees) or
+      :func:`~sparsejax.optim.forward_model` (NNX) in the loss; otherwise it
+      trains dense (:func:`~sparsejax.optim.check_forward_params` detects it).
 
   >>> import jax, jax.numpy as jnp, optax
   >>> from sparsejax.optim import get_beta
@@ -127,7 +132,12 @@ def sdgf(inner: optax.GradientTransformation, *, nm="1:8", kind: str = "stepwise
     exclude: regex(es) of leaf paths to keep dense.
 
   Returns:
-    An ``optax.GradientTransformationExtraArgs``.
+    An ``optax.GradientTransformationExtraArgs``. Keep it the outermost
+      transformation (only ``MultiSteps``, ``apply_if_finite`` or
+      ``inject_hyperparams`` around it), and run the model on
+      :func:`~sparsejax.optim.forward_params` (pytrees) or
+      :func:`~sparsejax.optim.forward_model` (NNX) in the loss; otherwise it
+      trains dense (:func:`~sparsejax.optim.check_forward_params` detects it).
 
   >>> import jax, jax.numpy as jnp, optax
   >>> from sparsejax.optim import get_target_sparsity

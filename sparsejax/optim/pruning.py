@@ -159,7 +159,12 @@ def gradual_magnitude_pruning(
     masks: initial mask tree (default all True on the selected leaves).
 
   Returns:
-    An ``optax.GradientTransformationExtraArgs``.
+    An ``optax.GradientTransformationExtraArgs``. Keep it the outermost
+      transformation (only ``MultiSteps``, ``apply_if_finite`` or
+      ``inject_hyperparams`` around it: anything after it that changes its
+      updates leaves pruned weights non-zero, counted by
+      :func:`~sparsejax.optim.get_masked_nonzero`); call
+      :func:`~sparsejax.optim.apply_state_masks` right after ``init``.
 
   >>> import jax.numpy as jnp, optax
   >>> tx = gradual_magnitude_pruning(optax.sgd(0.0), sparsity=0.5, end_step=2, frequency=1)
@@ -217,7 +222,12 @@ def one_shot_pruning(
     masks: initial mask tree (default all True on the selected leaves).
 
   Returns:
-    An ``optax.GradientTransformationExtraArgs``.
+    An ``optax.GradientTransformationExtraArgs``. Keep it the outermost
+      transformation (only ``MultiSteps``, ``apply_if_finite`` or
+      ``inject_hyperparams`` around it: anything after it that changes its
+      updates leaves pruned weights non-zero, counted by
+      :func:`~sparsejax.optim.get_masked_nonzero`); call
+      :func:`~sparsejax.optim.apply_state_masks` right after ``init``.
 
   >>> import jax.numpy as jnp, optax
   >>> tx = one_shot_pruning(optax.sgd(0.0), sparsity=0.75)
@@ -296,9 +306,12 @@ def static_sparse(
     masks: explicit mask tree (then ``scores``/``distribution`` are unused).
 
   Returns:
-    An ``optax.GradientTransformationExtraArgs``. The first update zeros the
-    pruned weights (or call :func:`~sparsejax.optim.apply_state_masks` after
-    ``init``).
+    An ``optax.GradientTransformationExtraArgs``. Keep it the outermost
+      transformation (only ``MultiSteps``, ``apply_if_finite`` or
+      ``inject_hyperparams`` around it: anything after it that changes its
+      updates leaves pruned weights non-zero, counted by
+      :func:`~sparsejax.optim.get_masked_nonzero`); call
+      :func:`~sparsejax.optim.apply_state_masks` right after ``init``.
 
   >>> import jax.numpy as jnp, optax
   >>> p = {'w': jnp.ones((100, 100)), 'b': jnp.ones(100)}

@@ -24,8 +24,12 @@ __all__ = [
     "get_step",
     "get_target_sparsity",
     "get_beta",
+    "get_masked_nonzero",
     "forward_params",
+    "forward_model",
     "apply_state_masks",
+    "check_masked_zero",
+    "check_forward_params",
 ]
 
 
@@ -44,6 +48,12 @@ class SparseState(NamedTuple):
     sparse_beta: float32 factor applied to pruned weights in the forward pass
       (``W * (m + (1 - m) * beta)``): 0 for hard masks, MDGF's decay otherwise.
     sparse_inner: the state of the wrapped optimizer.
+    sparse_masked_nonzero: int32 number of weights outside the incoming masks
+      that were non-zero in the params given to ``update``, measured (hard
+      methods only) on every mask-update step and on step 1; ``-1`` until
+      first measured. Non-zero from step 1 on means that something after the
+      sparse transformation changed its updates (it is not the outermost
+      transformation): see :func:`get_masked_nonzero`.
   """
   sparse_step: jax.Array
   sparse_masks: Any
@@ -51,6 +61,7 @@ class SparseState(NamedTuple):
   sparse_target: jax.Array
   sparse_beta: jax.Array
   sparse_inner: Any
+  sparse_masked_nonzero: jax.Array
 
 
 def _is_variable(x) -> bool:
@@ -140,6 +151,39 @@ def get_beta(opt_state: Any) -> jax.Array:
   return get_sparse_state(opt_state).sparse_beta
 
 
+def get_masked_nonzero(opt_state: Any) -> jax.Array:
+  """How many masked-out weights were non-zero at the last check (``-1``: none yet).
+
+  Hard-sparse methods (pruning, static, SET, RigL) land pruned weights on
+  exact zeros with every update, so from step 1 on the params they receive
+  must be zero outside the masks. They count the non-zero ones on every
+  mask-update step and on step 1 (a cheap reduction, skipped on other steps).
+  A positive count after step 0 means the sparse transformation is not the
+  outermost one: e.g. ``optax.chain(rigl(adam), optax.scale(0.5))`` halves
+  its ``-W`` updates and leaves pruned weights at ``W / 2``. Put the sparse
+  transformation outermost (``rigl(optax.chain(adam, optax.scale(0.5)))``),
+  or inside update-preserving wrappers only (``MultiSteps``,
+  ``apply_if_finite``, ``inject_hyperparams``). At step 0 the count is the
+  number of weights that :func:`apply_state_masks` would zero. Eager (not
+  jitted) updates raise a ``ValueError`` when the count is positive after
+  step 0; under ``jit`` read this accessor (or call
+  :func:`check_masked_zero` outside the step) in your loop.
+
+  >>> import jax.numpy as jnp, optax, sparsejax.optim as so
+  >>> p = {'w': jnp.array([[1., 2.], [3., 4.]])}
+  >>> tx = so.static_sparse(optax.sgd(0.1), sparsity=0.5, scores="magnitude",
+  ...                       distribution="uniform")
+  >>> s = tx.init(p)
+  >>> int(get_masked_nonzero(s))
+  -1
+  >>> u, s = tx.update(p, s, p)
+  >>> u, s = tx.update(p, s, optax.apply_updates(p, u))  # step 1: checked
+  >>> int(get_masked_nonzero(s))
+  0
+  """
+  return get_sparse_state(opt_state).sparse_masked_nonzero
+
+
 def forward_params(params: Any, opt_state: Any, *, straight_through: bool = True) -> Any:
   """The weights the forward pass should use: ``W * (m + (1 - m) * beta)``.
 
@@ -180,12 +224,178 @@ def forward_params(params: Any, opt_state: Any, *, straight_through: bool = True
                       is_leaf=lambda x: x is None)
 
 
-def apply_state_masks(params: Any, opt_state: Any) -> Any:
-  """Zeros the weights outside the state's masks (optional convenience).
+def _is_module(x) -> bool:
+  try:
+    from flax import nnx  # pylint: disable=import-outside-toplevel
+  except ImportError:  # pragma: no cover - flax is a dependency
+    return False
+  return isinstance(x, nnx.Module)
 
-  The transformations already land pruned weights on exact zeros with every
-  update; use this once after ``init`` to start from sparse weights, or to
-  export the N:M-sparse weights of an STE-trained model.
+
+def forward_model(model: Any, opt_state: Any, *, straight_through: bool = True) -> Any:
+  """An NNX model whose ``nnx.Param`` weights are :func:`forward_params`.
+
+  For STE, SR-STE, MDGF and SDGF with Flax NNX: call it inside the loss on
+  the model being differentiated, and run the returned model instead
+  (gradients reach the original weights). Without it the forward pass is
+  dense and the model trains dense in silence; :func:`check_forward_params`
+  detects that.
+
+  Args:
+    model: an ``nnx.Module`` (e.g. the argument of the loss under ``nnx.grad``).
+    opt_state: the optimizer state, e.g. ``nnx.Optimizer(...).opt_state``.
+    straight_through: as in :func:`forward_params`.
+
+  Returns:
+    A new module (same graph) with the forward weights.
+
+  >>> import jax, jax.numpy as jnp, optax, sparsejax.optim as so
+  >>> from flax import nnx
+  >>> model = nnx.Linear(4, 2, rngs=nnx.Rngs(0))
+  >>> opt = nnx.Optimizer(model, so.ste(optax.sgd(0.1), nm="2:4"), wrt=nnx.Param)
+  >>> fwd = forward_model(model, opt.opt_state)
+  >>> int((fwd.kernel[...] != 0).sum()), int((model.kernel[...] != 0).sum())
+  (4, 8)
+  """
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  if not _is_module(model):
+    raise TypeError(f"forward_model expects an nnx.Module, got {type(model).__name__}; "
+                    "for a params pytree use forward_params(params, opt_state)")
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  return nnx.merge(graphdef, forward_params(params, opt_state,
+                                            straight_through=straight_through), rest)
+
+
+def _masked_paths(masks, params):
+  from sparsejax.core import paths as core_paths  # pylint: disable=import-outside-toplevel
+  flat_m = core_paths.paths_with_leaves(masks, is_leaf=lambda x: x is None)
+  flat_p = jax.tree.leaves(params, is_leaf=lambda x: x is None)
+  if len(flat_m) != len(flat_p):
+    raise ValueError(f"params have {len(flat_p)} leaves but the optimizer's masks "
+                     f"{len(flat_m)}: pass the params the optimizer was initialised with")
+  return [(path, m, w) for (path, m), w in zip(flat_m, flat_p) if m is not None]
+
+
+def check_masked_zero(params: Any, opt_state: Any) -> None:
+  """Raises ``ValueError`` if a weight outside the masks is non-zero (host check).
+
+  For hard-sparse methods (pruning, static, SET, RigL) from step 1 on, or at
+  any step after :func:`apply_state_masks`. A failure means the sparse
+  transformation is not the outermost one (see :func:`get_masked_nonzero`)
+  or the params were changed outside the optimizer. It reads values back to
+  the host: call it outside the jitted step, e.g. every few hundred steps.
+  Not meaningful for STE-like methods (their stored weights stay dense).
+
+  Args:
+    params: the params pytree (or NNX state/module) the optimizer updates.
+    opt_state: the optimizer state.
+
+  Raises:
+    ValueError: naming every offending leaf path and its count.
+
+  >>> import jax.numpy as jnp, optax, sparsejax.optim as so
+  >>> p = {'w': jnp.array([[1., 2.], [3., 4.]])}
+  >>> tx = so.static_sparse(optax.sgd(0.1), sparsity=0.5, scores="magnitude",
+  ...                       distribution="uniform")
+  >>> s = tx.init(p)
+  >>> check_masked_zero(apply_state_masks(p, s), s)  # passes
+  >>> check_masked_zero(p, s)
+  Traceback (most recent call last):
+  ...
+  ValueError: 2 weights outside the masks are non-zero (w: 2). ...
+  """
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  if _is_module(params):
+    from flax import nnx  # pylint: disable=import-outside-toplevel
+    params = nnx.state(params, nnx.Param)
+  masks = get_masks(opt_state)
+  bad = []
+  for path, m, w in _masked_paths(masks, _unwrap(params)):
+    n = int(np.count_nonzero(np.asarray(jax.device_get(w)) * ~np.asarray(jax.device_get(m))))
+    if n:
+      bad.append((path, n))
+  if bad:
+    total = sum(n for _, n in bad)
+    listing = ", ".join(f"{p}: {n}" for p, n in bad)
+    raise ValueError(
+        f"{total} weights outside the masks are non-zero ({listing}). The sparse "
+        "transformation must produce the final updates: make it the outermost one "
+        "(rigl(optax.chain(adam, optax.scale(0.5))), not optax.chain(rigl(adam), "
+        "optax.scale(0.5))), or wrap it only in MultiSteps / apply_if_finite / "
+        "inject_hyperparams; right after init, zero them with apply_state_masks.")
+
+
+def check_forward_params(loss_fn: Any, params: Any, opt_state: Any) -> None:
+  """Raises ``ValueError`` if ``loss_fn`` does not run the forward weights.
+
+  STE, SR-STE, MDGF and SDGF keep dense stored weights; only
+  :func:`forward_params` (pytrees) or :func:`forward_model` (NNX) in the loss
+  makes the forward pass sparse. This check sets the pruned weights' forward
+  factor ``beta`` to 0, perturbs the weights outside the masks and calls
+  ``loss_fn`` twice: a loss that uses the forward weights does not change.
+  Call it once, outside ``jit``, before training (as the examples do).
+
+  Args:
+    loss_fn: ``(params, opt_state) -> scalar``, the loss as used in training,
+      reading the masks from its ``opt_state`` argument (``params`` may be an
+      NNX module; then it gets a modified copy).
+    params: params pytree or NNX module.
+    opt_state: the optimizer state.
+
+  Raises:
+    ValueError: the loss changed with the pruned weights (forward masks unused).
+
+  >>> import jax.numpy as jnp, optax, sparsejax.optim as so
+  >>> p = {'w': jnp.array([[1.], [-3.], [2.], [0.5]])}
+  >>> s = so.ste(optax.sgd(0.1), nm="2:4").init(p)
+  >>> check_forward_params(lambda q, st: forward_params(q, st)['w'].sum(), p, s)  # passes
+  >>> check_forward_params(lambda q, st: q['w'].sum(), p, s)
+  Traceback (most recent call last):
+  ...
+  ValueError: the loss does not use the sparse forward weights: ...
+  """
+  def zero_beta(x):
+    if isinstance(x, SparseState):
+      return x._replace(sparse_beta=jnp.zeros_like(_unwrap(x.sparse_beta)))
+    return x
+  state0 = jax.tree.map(zero_beta, opt_state, is_leaf=lambda x: isinstance(x, SparseState))
+  masks = get_masks(opt_state)
+
+  def perturb(w, m):
+    if m is None:
+      return w
+    return jnp.where(m, w, 2.0 * w + jnp.ones((), w.dtype))
+
+  if _is_module(params):
+    from flax import nnx  # pylint: disable=import-outside-toplevel
+    graphdef, prm, rest = nnx.split(params, nnx.Param, ...)
+    pure = _unwrap(prm)
+    bumped = jax.tree.map(perturb, pure, masks, is_leaf=lambda x: x is None)
+    a = loss_fn(nnx.merge(graphdef, pure, rest), state0)
+    b = loss_fn(nnx.merge(graphdef, bumped, rest), state0)
+  else:
+    pure = _unwrap(params)
+    bumped = jax.tree.map(perturb, pure, masks, is_leaf=lambda x: x is None)
+    a, b = loss_fn(pure, state0), loss_fn(bumped, state0)
+  if not bool(jnp.allclose(a, b, rtol=1e-6, atol=1e-6)):
+    raise ValueError(
+        "the loss does not use the sparse forward weights: it changed from "
+        f"{float(a):.6g} to {float(b):.6g} when only pruned weights changed. Run the model "
+        "on sparsejax.optim.forward_params(params, opt_state) (pytrees) or "
+        "sparsejax.optim.forward_model(model, opt_state) (NNX) inside the loss.")
+
+
+def apply_state_masks(params: Any, opt_state: Any) -> Any:
+  """Zeros the weights outside the state's masks: call it right after ``init``.
+
+  The transformations land pruned weights on exact zeros with every update,
+  but until the first update (``k`` micro-steps under ``optax.MultiSteps``)
+  the params are still dense. ``params = apply_state_masks(params,
+  tx.init(params))`` starts from sparse weights. For an NNX model (e.g. after
+  ``nnx.Optimizer(model, tx, wrt=nnx.Param)``) pass the model: its params are
+  zeroed in place and the model is returned. Methods whose masks start all
+  True (gradual and one-shot pruning) have nothing to zero until they prune.
+  Also exports the N:M-sparse weights of an STE-trained model.
 
   >>> import jax.numpy as jnp, optax, sparsejax.optim as so
   >>> params = {'w': jnp.array([[1., 2.], [3., 4.]])}
@@ -194,6 +404,10 @@ def apply_state_masks(params: Any, opt_state: Any) -> Any:
   [[1.0, 2.0], [3.0, 4.0]]
   """
   masks = get_masks(opt_state)
+  if _is_module(params):
+    from flax import nnx  # pylint: disable=import-outside-toplevel
+    nnx.update(params, apply_state_masks(nnx.state(params, nnx.Param), opt_state))
+    return params
   return jax.tree.map(
       lambda m, w: w if m is None else jnp.where(m, w, jnp.zeros((), w.dtype)),
       masks, _unwrap(params), is_leaf=lambda x: x is None)

@@ -128,6 +128,44 @@ def _all_finite(tree) -> jax.Array:
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
 
 
+def _count_masked_nonzero(masks, params) -> jax.Array:
+  counts = [jnp.sum((w != 0) & ~m, dtype=jnp.int32)
+            for m, w in zip(jax.tree.leaves(masks), jax.tree.leaves(params))]
+  return sum(counts, jnp.zeros((), jnp.int32))
+
+
+def _check_masked_nonzero(policy, state, params, is_upd) -> jax.Array:
+  """``SparseState.sparse_masked_nonzero`` after this step's check.
+
+  Hard methods count, on mask-update steps and on step 1 only (one cheap
+  reduction under ``lax.cond``), the weights outside the incoming masks that
+  are non-zero: positive from step 1 on iff a later transformation changed
+  the updates. Eager updates raise then; jitted ones record it.
+  """
+  old = state.sparse_masked_nonzero
+  if policy.hard is not True:
+    return old
+  masks = state.sparse_masks
+  leaves = jax.tree.leaves(masks)  # the masked leaves (None leaves dropped)
+  masked_params = jax.tree.leaves(jax.tree.map(
+      lambda m, w: None if m is None else w, masks, params, is_leaf=_is_none))
+  if not leaves:
+    return old
+  step = state.sparse_step
+  check = step == 1 if is_upd is None else (step == 1) | is_upd
+  count = lax.cond(check, lambda ops: _count_masked_nonzero(*ops), lambda ops: old,
+                   (leaves, masked_params))
+  if not isinstance(count, jax.core.Tracer) and int(step) >= 1 and int(count) > 0:
+    raise ValueError(
+        f"{int(count)} weights outside the masks are non-zero at step {int(step)}: "
+        "the sparse transformation is not the outermost one (e.g. "
+        "optax.chain(rigl(adam), optax.scale(0.5)) rescales its -W updates). Put it "
+        "outermost, e.g. rigl(optax.chain(adam, optax.scale(0.5))), or only inside "
+        "MultiSteps / apply_if_finite / inject_hyperparams; or the params were "
+        "changed outside the optimizer (then zero them with apply_state_masks).")
+  return count
+
+
 def _no_grown(masks):
   return jax.tree.map(lambda m: None if m is None else jnp.zeros_like(m), masks,
                       is_leaf=_is_none)
@@ -157,7 +195,9 @@ def sparse_wrapper(inner: optax.GradientTransformation | None, policy: MaskPolic
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state holds a
-    :class:`~sparsejax.optim.SparseState`.
+    :class:`~sparsejax.optim.SparseState`. It must produce the final
+    updates (outermost, see the module docstring); hard policies count
+    violations in ``SparseState.sparse_masked_nonzero``.
 
   >>> import jax.numpy as jnp, optax
   >>> pol = MaskPolicy(init_masks=lambda p, k: {'w': jnp.array([True, False])})
@@ -191,6 +231,7 @@ def sparse_wrapper(inner: optax.GradientTransformation | None, policy: MaskPolic
         sparse_target=jnp.asarray(policy.target(zero), jnp.float32),
         sparse_beta=beta_at(zero),
         sparse_inner=inner.init(pure),
+        sparse_masked_nonzero=jnp.full((), -1, jnp.int32),
     )
 
   def update_fn(updates, state, params=None, **extra_args):
@@ -207,9 +248,11 @@ def sparse_wrapper(inner: optax.GradientTransformation | None, policy: MaskPolic
     target = state.sparse_target
     train = None  # where the inner optimizer trains (None: the masks)
     is_upd = None
-
     if policy.update_masks is not None:
       is_upd = jnp.asarray(policy.is_update_step(step), bool)
+    masked_nonzero = _check_masked_nonzero(policy, state, params, is_upd)
+
+    if policy.update_masks is not None:
 
       def do_update(operands):
         old, kd, p, g = operands
@@ -271,6 +314,9 @@ def sparse_wrapper(inner: optax.GradientTransformation | None, policy: MaskPolic
                                         is_leaf=_is_none))
     inner_updates, inner_state = inner.update(inner_grads, inner_in, params, **extra_args)
     if skip_gradient_on_update and is_upd is not None:
+      # A select over the whole inner state: on XLA:CPU this costs ordinary
+      # steps (measured in benchmarks/step_overhead.py); a lax.cond around the
+      # inner update was slower still there (its branches copy the state).
       inner_updates = jax.tree.map(
           lambda u: jnp.where(is_upd, jnp.zeros((), u.dtype), u), inner_updates)
       inner_state = jax.tree.map(lambda new, old: jnp.where(is_upd, old, new),
@@ -301,6 +347,7 @@ def sparse_wrapper(inner: optax.GradientTransformation | None, policy: MaskPolic
         sparse_target=target,
         sparse_beta=beta_at(new_step),
         sparse_inner=inner_state,
+        sparse_masked_nonzero=masked_nonzero,
     )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
