@@ -118,6 +118,8 @@ def dynamic_sparse(
       block sum of ``|g|`` (RigL) or one random score per block (SET), the
       moments of grown blocks are reset (``Channel(axis)`` works the same
       way). For N:M use :func:`~sparsejax.optim.ste` / ``srste`` / ``sdgf``.
+      Patterns are callables: with ``optax.inject_hyperparams`` list
+      ``"pattern"`` in ``static_args``.
     include: regex(es) of leaf paths to sparsify (default: ndim >= 2).
     exclude: regex(es) of leaf paths to keep dense.
     masks: explicit initial mask tree.

@@ -19,6 +19,11 @@ distribution), and growth stays on the grid. Grid scores are block sums:
 ``|W|`` for magnitude pruning and drop, ``|g|`` for RigL growth, the given
 scores for SNIP / random init; SET draws one random score per block.
 
+Under a device mesh, pick blocks that divide each device's shard of the last
+two dims: the block sums are then shard-local (otherwise the reduction needs
+communication). Patterns are callables: with ``optax.inject_hyperparams`` list
+``"pattern"`` in ``static_args``.
+
 Shapes and the block-constancy of given masks are checked eagerly (the error
 names the leaf path). A traced mask cannot be checked: inside ``jit`` a mask
 that is not constant on blocks is reduced by "any" (a block is kept if any of

@@ -154,6 +154,8 @@ def gradual_magnitude_pruning(
       ``r x c`` blocks of the last two dims are pruned, ranked by the block
       sum of ``|W|``, with exact block counts (``Channel(axis)`` works the
       same way). For a gradual N:M schedule use :func:`~sparsejax.optim.sdgf`.
+      Patterns are callables: with ``optax.inject_hyperparams`` list
+      ``"pattern"`` in ``static_args``.
     include: regex(es) of leaf paths to prune (default: leaves with ndim >= 2).
     exclude: regex(es) of leaf paths to keep dense.
     masks: initial mask tree (default all True on the selected leaves).
@@ -217,6 +219,8 @@ def one_shot_pruning(
       ranked by the block sum of ``|W|``, exact block counts; also
       ``Channel(axis)``) or ``sparsejax.NM(n, m)`` (the ``n`` largest ``|W|``
       of every group of ``m``).
+      Patterns are callables: with ``optax.inject_hyperparams`` list
+      ``"pattern"`` in ``static_args``.
     include: regex(es) of leaf paths to prune (default: ndim >= 2).
     exclude: regex(es) of leaf paths to keep dense.
     masks: initial mask tree (default all True on the selected leaves).
@@ -301,6 +305,8 @@ def static_sparse(
       with exact block counts and the distribution over blocks; also
       ``Channel(axis)``) or ``sparsejax.NM(n, m)`` (``sparsity`` and
       ``distribution`` then unused).
+      Patterns are callables: with ``optax.inject_hyperparams`` list
+      ``"pattern"`` in ``static_args``.
     include: regex(es) of leaf paths to prune (default: ndim >= 2).
     exclude: regex(es) of leaf paths to keep dense.
     masks: explicit mask tree (then ``scores``/``distribution`` are unused).
