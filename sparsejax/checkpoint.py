@@ -42,6 +42,7 @@ __all__ = [
     "CheckpointNotFoundError",
     "CheckpointMismatchError",
     "CheckpointCorruptedError",
+    "CheckpointExistsError",
     "Restored",
     "abstract_state",
     "checkpoint_manager",
@@ -57,7 +58,11 @@ _FORMAT = 1
 
 
 class CheckpointError(ValueError):
-  """Base class of the errors raised when a checkpoint cannot be restored."""
+  """Base class of the errors raised when a checkpoint cannot be saved or restored."""
+
+
+class CheckpointExistsError(CheckpointError, FileExistsError):
+  """The step to save already exists (or is older than the latest saved step)."""
 
 
 class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
@@ -387,14 +392,23 @@ def save_checkpoint(manager: ocp.CheckpointManager, step: int, state, *,
   Args:
     manager: from :func:`checkpoint_manager` (any ``ocp.CheckpointManager``
       works).
-    step: the step number (must not exist yet).
+    step: the step number, a non-negative int newer than every saved step
+      (unless ``force``).
     state: the state pytree (see the module docstring for allowed leaves).
     metadata: JSON-serialisable mapping saved alongside (config, data
       position...).
-    force: save even if the manager's save interval would skip this step.
+    force: save even if the manager's save interval would skip this step,
+      overwrite the step if it exists (the old files are deleted first, after
+      pending saves finish), and allow a step older than the latest one.
 
   Returns:
-    Whether a checkpoint was saved.
+    Whether a checkpoint was saved: ``False`` only when the save interval
+    skips ``step`` (``save_interval_steps`` of :func:`checkpoint_manager`).
+
+  Raises:
+    CheckpointExistsError: ``step`` already exists, or is older than the latest
+      saved step (orbax would silently skip it), and ``force`` is False.
+    TypeError: ``step`` is not an integer.
 
   >>> import tempfile, jax.numpy as jnp
   >>> mngr = checkpoint_manager(tempfile.mkdtemp(), async_save=False)
@@ -415,6 +429,24 @@ def save_checkpoint(manager: ocp.CheckpointManager, step: int, state, *,
     raise TypeError(
         f"metadata is not JSON-serialisable ({e}); store arrays in the state "
         "and only plain Python values in metadata.") from e
+  if isinstance(step, (bool, np.bool_)) or not isinstance(step, (int, np.integer)):
+    raise TypeError(f"save_checkpoint: step={step!r} must be a Python int (e.g. int(step)).")
+  if step < 0:
+    raise ValueError(f"save_checkpoint: step={int(step)} must be >= 0.")
+  step = int(step)
+  existing = manager.all_steps()
+  where = getattr(manager, "directory", "the checkpoint directory")
+  if step in existing:
+    if not force:
+      raise CheckpointExistsError(
+          f"save_checkpoint: step {step} already exists in {where}; pass force=True to "
+          "overwrite it, or save under a new step.")
+    manager.wait_until_finished()
+    manager.delete(step)
+  elif existing and step < max(existing) and not force:
+    raise CheckpointExistsError(
+        f"save_checkpoint: step {step} is older than the latest saved step {max(existing)} in "
+        f"{where}; pass force=True to save it anyway, or delete the newer steps.")
   if not force and not manager.should_save(step):
     return False
   leaves, desc, _ = _flatten(state)
@@ -442,14 +474,19 @@ def save_checkpoint(manager: ocp.CheckpointManager, step: int, state, *,
           "fingerprint": (next(fps) if d.kind != "none" else None),
       } for d, leaf in zip(desc, leaves)],
   }
-  return manager.save(
-      step,
-      args=ocp.args.Composite(**{
-          _STATE: ocp.args.StandardSave(_nest(storage, values)),
-          _LAYOUT: ocp.args.JsonSave(layout),
-          _METADATA: ocp.args.JsonSave(metadata),
-      }),
-      force=force)
+  try:
+    return manager.save(
+        step,
+        args=ocp.args.Composite(**{
+            _STATE: ocp.args.StandardSave(_nest(storage, values)),
+            _LAYOUT: ocp.args.JsonSave(layout),
+            _METADATA: ocp.args.JsonSave(metadata),
+        }),
+        force=force)
+  except ocp.checkpoint_manager.StepAlreadyExistsError as e:  # e.g. a concurrent save
+    raise CheckpointExistsError(
+        f"save_checkpoint: step {step} already exists in {where}; pass force=True to "
+        "overwrite it, or save under a new step.") from e
 
 
 def _resolve_step(manager, step):

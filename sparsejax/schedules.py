@@ -38,6 +38,8 @@ __all__ = [
     "sdgf_schedule",
     "sdgf_index",
     "parse_nm",
+    "check_range",
+    "check_step",
 ]
 
 
@@ -54,10 +56,32 @@ def concrete(x: Any) -> float | None:
   return float(arr)
 
 
+def _fmt(x: Any) -> str:
+  """A number as the user wrote it: integers without a trailing ``.0``."""
+  if isinstance(x, (bool, np.bool_)):
+    return repr(bool(x))
+  if isinstance(x, (int, np.integer)) or (
+      isinstance(x, (np.ndarray, jax.Array)) and jnp.issubdtype(x.dtype, jnp.integer)):
+    return str(int(x))
+  return repr(float(np.asarray(x)))
+
+
+def _bound(x: float) -> str:
+  return f"{x:g}"
+
+
 def check_range(name: str, value: Any, lo: float, hi: float, *,
                 lo_open: bool = False, hi_open: bool = False,
                 fix: str = "") -> None:
-  """Raises ``ValueError`` if a concrete ``value`` lies outside its range."""
+  """Raises ``ValueError`` if a concrete ``value`` lies outside its range.
+
+  >>> check_range("frequency", 0, 1, math.inf)
+  Traceback (most recent call last):
+  ...
+  ValueError: frequency=0 is outside [1, inf]
+  """
+  if isinstance(value, (str, bytes)):
+    raise TypeError(f"{name}={value!r} is a string; pass a number" + (f" ({fix})" if fix else ""))
   v = concrete(value)
   if v is None:
     return
@@ -65,8 +89,30 @@ def check_range(name: str, value: Any, lo: float, hi: float, *,
   if not ok or math.isnan(v):
     lb = "(" if lo_open else "["
     rb = ")" if hi_open else "]"
-    msg = f"{name}={v!r} is outside {lb}{lo}, {hi}{rb}"
+    msg = f"{name}={_fmt(value)} is outside {lb}{_bound(lo)}, {_bound(hi)}{rb}"
     raise ValueError(msg + (f"; {fix}" if fix else ""))
+
+
+def check_step(name: str, value: Any, lo: int = 0, *, lo_open: bool = False,
+               fix: str = "") -> None:
+  """Raises for a concrete step count that is not an integer or is below ``lo``.
+
+  Step arguments (``begin_step``, ``frequency``, ``update_every``...) count
+  optimizer updates, so ``2.5`` is rejected rather than rounded. Traced values
+  (``optax.inject_hyperparams``) are not checked.
+
+  >>> check_step("update_every", 2.5, 1)
+  Traceback (most recent call last):
+  ...
+  TypeError: update_every=2.5 must be an integer number of steps
+  """
+  if isinstance(value, (bool, np.bool_)):
+    raise TypeError(f"{name}={value!r} is a bool; pass an integer number of steps")
+  check_range(name, value, lo, math.inf, lo_open=lo_open, fix=fix)
+  v = concrete(value)
+  if v is not None and v != int(v):
+    raise TypeError(f"{name}={_fmt(value)} must be an integer number of steps"
+                    + (f"; {fix}" if fix else ""))
 
 
 def _f32(x):
@@ -96,10 +142,13 @@ def polynomial_sparsity(step, final_sparsity, begin_step, end_step,
   """
   check_range("final_sparsity", final_sparsity, 0.0, 1.0, hi_open=True)
   check_range("initial_sparsity", initial_sparsity, 0.0, 1.0, hi_open=True)
+  check_range("power", power, 0.0, math.inf, lo_open=True,
+              fix="the ramp exponent must be positive (3: cubic)")
   b, e = concrete(begin_step), concrete(end_step)
   if b is not None and e is not None and e < b:
-    raise ValueError(f"end_step={e:g} < begin_step={b:g}: the ramp must end "
-                     "after it begins")
+    raise ValueError(f"end_step={_fmt(end_step)} < begin_step={_fmt(begin_step)}: the ramp "
+                     "must end after it begins")
+
   t = _f32(step)
   span = _f32(end_step) - _f32(begin_step)
   frac = jnp.where(span > 0, (t - _f32(begin_step)) / jnp.maximum(span, 1.0),
@@ -137,8 +186,8 @@ def periodic(step, every, begin_step=0, end_step=None):
   >>> [int(t) for t in range(12) if periodic(t, 4, 1, 10)]
   [1, 5, 9, 10]
   """
-  check_range("every (update frequency)", every, 1, math.inf,
-              fix="use an update frequency of at least 1 step")
+  check_step("every (update frequency)", every, 1,
+             fix="use an update frequency of at least 1 step")
   step = jnp.asarray(step)
   every = jnp.maximum(jnp.asarray(every), 1)
   since = step - begin_step

@@ -96,10 +96,16 @@ def apply_masks(params: Any, masks: Any) -> Any:
   Returns:
     Masked params.
 
+  Raises:
+    ValueError / TypeError: as :func:`validate_masks` (structure, shape, non-bool mask leaves
+      such as float masks); the message names the leaf path.
+
   >>> import jax.numpy as jnp
   >>> apply_masks({'w': jnp.array([1., 2.]), 'b': jnp.ones(1)}, {'w': jnp.array([True, False]), 'b': None})['w']
   Array([1., 0.], dtype=float32)
   """
+  _validate(masks, params, "apply_masks")
+
   def one(m, p):
     if m is None:
       return p
@@ -221,7 +227,7 @@ def global_sparsity(masks: Any, params: Any = None) -> jax.Array:
 def _err_tree(msg_prefix: str, masks: Any, params: Any) -> None:
   """Raises a ValueError naming the first path present in one tree only."""
   mp = [p for p, _ in _mask_leaves(masks)]
-  pp = [p for p, _ in _paths.paths_with_leaves(params)]
+  pp = [p for p, _ in _paths.paths_with_leaves(params, is_leaf=is_none)]
   sm, sp = set(mp), set(pp)
   for p in pp:
     if p not in sm:
@@ -235,7 +241,7 @@ def _err_tree(msg_prefix: str, masks: Any, params: Any) -> None:
       raise ValueError(f"{msg_prefix}: mask tree has a leaf '{p}' that params do not have.")
   raise ValueError(f"{msg_prefix}: mask tree and params have the same leaf paths but different container types "
                    f"(e.g. dict vs State, tuple vs list): {jax.tree.structure(masks, is_leaf=is_none)} vs "
-                   f"{jax.tree.structure(params)}.")
+                   f"{jax.tree.structure(params, is_leaf=is_none)}.")
 
 
 def validate_masks(masks: Any, params: Any) -> None:
@@ -252,12 +258,19 @@ def validate_masks(masks: Any, params: Any) -> None:
   ...
   ValueError: validate_masks: mask at 'w' has shape (2,) but the param has shape (3,).
   """
-  pre = "validate_masks"
-  if jax.tree.structure(masks, is_leaf=is_none) != jax.tree.structure(params):
+  _validate(masks, params, "validate_masks")
+
+
+def _validate(masks: Any, params: Any, pre: str) -> None:
+  # A None param (an absent leaf) is a leaf position too: its mask must be None.
+  if jax.tree.structure(masks, is_leaf=is_none) != jax.tree.structure(params, is_leaf=is_none):
     _err_tree(pre, masks, params)
-  for (path, m), (_, p) in zip(_mask_leaves(masks), _paths.paths_with_leaves(params)):
+  for (path, m), (_, p) in zip(_mask_leaves(masks), _paths.paths_with_leaves(params, is_leaf=is_none)):
     if m is None:
       continue
+    if p is None:
+      raise ValueError(f"{pre}: mask at '{path}' is an array but the param there is None; put None "
+                       "in the mask tree for absent leaves.")
     if not hasattr(m, "shape") or not hasattr(m, "dtype"):
       raise TypeError(f"{pre}: mask at '{path}' is a {type(m).__name__}, expected a bool array or None.")
     if tuple(m.shape) != tuple(np.shape(p)):

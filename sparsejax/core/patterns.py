@@ -25,6 +25,7 @@ from sparsejax.core import selection as _sel
 
 __all__ = [
   "NM",
+  "as_pattern",
   "Block",
   "Channel",
   "Unstructured",
@@ -287,6 +288,33 @@ class Unstructured:
     return topk_mask(scores, density, path=path)
 
 
+def _parse_nm_string(text: str) -> tuple[int, int]:
+  parts = text.split(":")
+  try:
+    if len(parts) != 2:
+      raise ValueError
+    return int(parts[0]), int(parts[1])
+  except ValueError:
+    raise ValueError(f"N:M pattern {text!r} must look like 'n:m' with integers, e.g. '2:4'.") from None
+
+
+def as_pattern(pattern: Any, *, fn: str = "pattern") -> Any:
+  """A pattern object from a pattern or an ``"n:m"`` string.
+
+  >>> as_pattern("2:4")
+  NM(n=2, m=4, axis=-2)
+  """
+  if isinstance(pattern, str):
+    if ":" not in pattern:
+      raise ValueError(f"{fn}: unknown pattern {pattern!r}; use 'n:m' (e.g. '2:4'), NM(n, m), "
+                       "Block(r, c), Channel(axis) or Unstructured().")
+    return NM(pattern)
+  if not callable(pattern) or not hasattr(pattern, "check"):
+    raise TypeError(f"{fn}: pattern {pattern!r} is not a pattern; use 'n:m' (e.g. '2:4'), NM(n, m), "
+                    "Block(r, c), Channel(axis) or Unstructured().")
+  return pattern
+
+
 @dataclasses.dataclass(frozen=True)
 class NM:
   """N:M pattern along ``axis`` (default -2, the reduction axis of Dense/Conv kernels).
@@ -301,12 +329,23 @@ class NM:
   Traceback (most recent call last):
   ...
   ValueError: NM(2:4) at 'fc/kernel': requested sparsity 0.9 but 2:4 gives sparsity 0.5; request 0.5 or None, or pick another N:M.
+  >>> NM("2:4") == NM(2, 4)
+  True
   """
   n: int
-  m: int
+  m: int | None = None
   axis: int = -2
 
   def __post_init__(self):
+    if isinstance(self.n, str):  # NM("2:4")
+      if self.m is not None:
+        raise TypeError(f"NM: pass NM({self.n!r}) or NM(n, m), not both (got m={self.m!r}).")
+      n, m = _parse_nm_string(self.n)
+      object.__setattr__(self, "n", n)
+      object.__setattr__(self, "m", m)
+    elif self.m is None:
+      raise TypeError(f"NM: missing m; write NM(n, m) or NM('n:m'), e.g. NM(2, 4) or NM('2:4'), "
+                      f"got NM({self.n!r}).")
     for name in ("n", "m", "axis"):
       v = getattr(self, name)
       if not isinstance(v, (int, np.integer)) or isinstance(v, bool):

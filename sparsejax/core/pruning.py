@@ -9,6 +9,19 @@ All functions
   lower flat index), set removed weights to exactly zero and grown weights to exactly zero;
 - are jit-able with traced sparsities / fractions and trace once per shape.
 
+Out-of-range values: a concrete sparsity outside [0, 1) (fraction outside [0, 1]) raises a
+``ValueError`` naming the leaf. A traced one cannot raise under ``jax.jit``; it is clamped, with
+a documented meaning: a sparsity below 0 keeps every weight, one of 1 or more keeps one weight
+per leaf, NaN prunes nothing (fractions: clamped to [0, 1], NaN moves nothing). To get an error
+instead, run the step under ``jax.experimental.checkify.checkify``: every such value is checked
+with ``checkify.debug_check`` (a no-op without checkify), e.g.
+``err, out = checkify.checkify(jax.jit(step))(...); err.throw()``.
+
+Non-finite weights: the default magnitude scores (``scores=None``) rank NaN and inf weights
+highest (:func:`abs_nonfinite_high`), so magnitude pruning never removes a non-finite weight:
+``w + (-w)`` is NaN for such ``w``, so a removed one could not become zero through
+``optax.apply_updates``.
+
 Scores follow the keep-largest convention of :mod:`sparsejax.core.scores`. A score leaf may also be
 a :class:`sparsejax.core.selection.LazyScores` (e.g. ``LazyScores(jnp.abs, grads_leaf)``): the
 selection then computes the scores inside each of its passes and never stores a full-size score
@@ -23,10 +36,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import checkify
 
 from sparsejax.core import selection as _sel
 from sparsejax.core.paths import path_str, select
-from sparsejax.core.patterns import Block, Channel, Unstructured
+from sparsejax.core.patterns import Block, Channel, Unstructured, as_pattern
 
 PyTree = Any
 
@@ -84,15 +98,33 @@ def _check_unit(value, what: str, fn: str, path: str | None, *, hi_open: bool = 
   """Checks a concrete scalar is in [0, 1) (or [0, 1]); names the leaf path."""
   if value is None:
     return
+  if isinstance(value, (str, bytes)):
+    raise TypeError(f"{fn}: {what}{_at(path)}={value!r} is a string; pass a number.")
   if not _is_scalar(value):
     raise ValueError(f"{fn}: {what}{_at(path)} must be a scalar, got shape {np.shape(value)}.")
   v = _concrete(value)
   if v is None:
+    # Traced: cannot raise under jit. The value is clamped (see _unit_value); under
+    # jax.experimental.checkify.checkify this check reports it as an error.
+    x = jnp.asarray(value, jnp.float32)
+    ok = (x >= 0) & ((x < 1) if hi_open else (x <= 1))
+    checkify.debug_check(ok, f"{fn}: {what}{_at(path)} must be in {'[0, 1)' if hi_open else '[0, 1]'}"
+                         ", got {v}", v=x)
     return
   ok = 0.0 <= v < 1.0 if hi_open else 0.0 <= v <= 1.0
   if not ok:
     rng = "[0, 1)" if hi_open else "[0, 1]"
     raise ValueError(f"{fn}: {what}{_at(path)} must be in {rng}, got {v}.")
+
+
+def _unit_value(x) -> jax.Array:
+  """A (possibly traced) sparsity or fraction as float32, NaN read as 0 (prune nothing).
+
+  Values outside the range are clamped by the counts themselves: a sparsity below 0 keeps
+  every weight, one of 1 or more keeps one weight per leaf (``num_to_keep``'s minimum).
+  """
+  x = jnp.asarray(x, jnp.float32)
+  return jnp.where(jnp.isnan(x), jnp.zeros((), jnp.float32), x)
 
 
 def _at(path: str | None) -> str:
@@ -101,6 +133,9 @@ def _at(path: str | None) -> str:
 
 def _per_leaf(value, paths: list[str], active: list[bool], name: str, fn: str) -> list:
   """Broadcasts a scalar or aligns a per-leaf tree; None where a leaf is not active."""
+  if isinstance(value, (str, bytes)):
+    raise TypeError(f"{fn}: {name}={value!r} is a string; pass a number (e.g. 0.5) or a per-leaf "
+                    "tree of numbers.")
   if value is None or _is_scalar(value):
     return [value if a else None for a in active]
   vals = _leaves_like(paths, value, name, fn)
@@ -139,7 +174,8 @@ def _masks_list(fn: str, paths, leaves, masks) -> list:
 
 def _scores_list(fn: str, paths, leaves, scores, active, name="scores") -> list:
   if scores is None:  # |params|, evaluated inside each selection pass (never stored)
-    return [_sel.LazyScores(jnp.abs, x) if a else None for x, a in zip(leaves, active)]
+    return [_sel.LazyScores(abs_nonfinite_high, x) if a else None
+            for x, a in zip(leaves, active)]
   ss = _leaves_like(paths, scores, name, fn)
   for p, leaf, s, a in zip(paths, leaves, ss, active):
     if not a:
@@ -154,6 +190,22 @@ def _scores_list(fn: str, paths, leaves, scores, active, name="scores") -> list:
     if jnp.issubdtype(dt, jnp.complexfloating):
       raise TypeError(f"{fn}: {name} at {p!r} are complex; pass real scores such as jnp.abs(x).")
   return ss
+
+
+def abs_nonfinite_high(x) -> jax.Array:
+  """``|x|`` with NaN ranked like ``inf``: the magnitude score of every pruning default.
+
+  A non-finite weight is never pruned by magnitude: ``w + (-w)`` is NaN, not 0, for NaN or
+  inf ``w``, so a pruned one could not land on zero through ``optax.apply_updates``. It keeps
+  its place in the mask (and stays visible in the loss) instead.
+
+  >>> abs_nonfinite_high(jnp.array([-2.0, jnp.nan, -jnp.inf])).tolist()
+  [2.0, inf, inf]
+  """
+  a = jnp.abs(x)
+  if not jnp.issubdtype(a.dtype, jnp.floating):
+    return a
+  return jnp.where(jnp.isnan(a), jnp.asarray(jnp.inf, a.dtype), a)
 
 
 def _as_scores(s):
@@ -172,7 +224,7 @@ def _topk_among(scores, k, eligible):
 @functools.partial(jax.jit, static_argnames=("pattern", "fixed"))
 def _prune_leaf(sc, s, m, *, pattern, fixed):
   """The mask of one leaf (jitted: one compile per shape, fast eager calls)."""
-  density = None if s is None else 1.0 - jnp.asarray(s, jnp.float32)
+  density = None if s is None else 1.0 - _unit_value(s)
   if isinstance(pattern, Unstructured):
     return _topk_among(sc, _sel.num_to_keep(sc.size, density), m)
   sc = _sel.materialize(sc)
@@ -241,6 +293,10 @@ def prune(params: PyTree, scores: PyTree | None, sparsity, *, pattern=Unstructur
          [ 3.,  0.]], dtype=float32), None)
   """
   fn = "prune"
+  pattern = as_pattern(pattern, fn=fn)
+  if isinstance(sparsity, (str, bytes)):
+    raise TypeError(f"{fn}: sparsity={sparsity!r} is a string; pass a number in [0, 1) (e.g. 0.5) "
+                    "or a per-leaf tree of numbers.")
   paths, leaves, treedef, old, active = _prunable(fn, params, masks, sparsity, selection)
   sp = _per_leaf(sparsity, paths, active, "sparsity", fn)
   ss = _scores_list(fn, paths, leaves, scores, active)
@@ -274,7 +330,7 @@ def _global_select(scores, masks, sparsity, *, normalize):
       s = s32 / jnp.where(norm > 0, norm, 1)
     sel.append(s)
   total = sum(s.size for s in scores)
-  k = _sel.num_to_keep(total, 1.0 - jnp.asarray(sparsity, jnp.float32))
+  k = _sel.num_to_keep(total, 1.0 - _unit_value(sparsity))
   return _sel.global_topk_masks(sel, k=k, masks=list(masks))
 
 
@@ -306,6 +362,8 @@ def prune_global(params: PyTree, scores: PyTree | None, sparsity, *, normalize: 
   ([[False, False]], [[False, True]])
   """
   fn = "prune_global"
+  if isinstance(sparsity, (str, bytes)):
+    raise TypeError(f"{fn}: sparsity={sparsity!r} is a string; pass a number in [0, 1) (e.g. 0.5).")
   if not _is_scalar(sparsity):
     raise ValueError(f"{fn}: sparsity must be a scalar (a global target), got {type(sparsity)}; "
                      "use prune(...) for per-leaf sparsities.")
@@ -328,7 +386,9 @@ def prune_global(params: PyTree, scores: PyTree | None, sparsity, *, normalize: 
 def _count_of(fraction, n_active):
   """floor(n_active * fraction) as int32, in the float precision of the run."""
   dt = jnp.float64 if jax.config.jax_enable_x64 else jnp.float32
-  return jnp.floor(n_active.astype(dt) * jnp.asarray(fraction, dt)).astype(jnp.int32)
+  f = jnp.clip(jnp.asarray(fraction, dt), 0, 1)  # traced: clamped, NaN -> 0 (nothing moves)
+  f = jnp.where(jnp.isnan(f), jnp.zeros((), dt), f)
+  return jnp.floor(n_active.astype(dt) * f).astype(jnp.int32)
 
 
 def _n_true(m):

@@ -147,10 +147,18 @@ def dynamic_sparse(
   if sparsity is not None:
     schedules.check_range("sparsity", sparsity, 0.0, 1.0, hi_open=True,
                           fix="sparsity is the fraction of zeros, in [0, 1)")
-  schedules.check_range("update_every", update_every, 1, math.inf,
-                        fix="update the masks at most once per step (update_every >= 1)")
+  schedules.check_step("update_every", update_every, 1,
+                       fix="update the masks at most once per step (update_every >= 1)")
   schedules.check_range("drop_fraction", drop_fraction, 0.0, 1.0)
-  schedules.check_range("end_step", end_step, 0, math.inf, lo_open=True)
+  schedules.check_step("end_step", end_step, 0, lo_open=True)
+  if begin_step is not None:
+    schedules.check_step("begin_step", begin_step, 0)
+  b = schedules.concrete(update_every if begin_step is None else begin_step)
+  e = schedules.concrete(end_step)
+  if b is not None and e is not None and e <= b:
+    raise ValueError(f"dynamic sparse training: end_step={int(e)} <= begin_step={int(b)} "
+                     f"({'begin_step' if begin_step is not None else 'default begin_step = update_every'}): "
+                     "the masks would never change; pass end_step > begin_step")
   if grow not in ("gradient", "random"):
     raise ValueError(f"grow={grow!r}: use 'gradient' (RigL) or 'random' (SET)")
   check_distribution(distribution)
@@ -201,7 +209,7 @@ def dynamic_sparse(
   policy = MaskPolicy(
       init_masks=init_masks, is_update_step=is_update_step, update_masks=update_masks,
       target=(lambda step: jnp.nan) if sparsity is None else (lambda step: sparsity),
-      regrows=True)
+      regrows=True, uses_grads=grow == "gradient")
   return sparse_wrapper(inner, policy, key=key, reset_moments=reset_moments,
                         skip_gradient_on_update=skip_gradient_on_update)
 

@@ -46,4 +46,6 @@ def reset_moments(inner: Any, inner_state: Any, positions: Any) -> Any:
       return v
     return jnp.where(pos, jnp.zeros((), v.dtype), v)
 
-  return optax.tree_utils.tree_map_params(inner, f, inner_state, sentinel)
+  # is_leaf: a None param (absent leaf) is None in the state too; keep it.
+  return optax.tree_utils.tree_map_params(inner, f, inner_state, sentinel,
+                                          is_leaf=lambda x: x is None)

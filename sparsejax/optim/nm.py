@@ -29,6 +29,7 @@ from sparsejax import schedules
 from sparsejax.core import masks as core_masks
 from sparsejax.core import patterns as core_patterns
 from sparsejax.core import paths as core_paths
+from sparsejax.core import pruning as core_pruning
 from sparsejax.optim.wrapper import MaskPolicy, selected_masks, sparse_wrapper
 
 __all__ = ["nm_training", "ste", "srste"]
@@ -95,9 +96,11 @@ def nm_training(
   if None not in concrete_starts and concrete_starts != sorted(concrete_starts):
     raise ValueError(f"pattern start steps {concrete_starts} must be increasing")
   schedules.check_range("decay", decay, 0.0, math.inf)
-  schedules.check_range("dense_steps", dense_steps, 0, math.inf)
+  schedules.check_step("dense_steps", dense_steps, 0)
   if finetune_start is not None:
-    schedules.check_range("finetune_start", finetune_start, 0, math.inf)
+    schedules.check_step("finetune_start", finetune_start, 0)
+  for s, _ in pats:
+    schedules.check_step("pattern start step", s, 0)
   axis = -2 if axis is None else _static_int("axis", axis)
 
   makers = [functools.partial(core_patterns.nm_mask, n=n, m=m, axis=axis) for _, (n, m) in pats]
@@ -107,7 +110,7 @@ def nm_training(
 
   def pattern_masks(step, params, template):
     def one(mask, w):
-      scores = jnp.abs(w)
+      scores = core_pruning.abs_nonfinite_high(w)  # a NaN weight is never pruned
       if len(makers) == 1:
         return makers[0](scores)
       idx = schedules.sdgf_index(step, starts())

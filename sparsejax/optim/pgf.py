@@ -30,10 +30,12 @@ __all__ = ["mdgf", "sdgf"]
 
 def _phases(total_steps, dense_steps, finetune_steps):
   """(dense_steps, finetune_start or None); values may be traced."""
-  schedules.check_range("dense_steps", dense_steps, 0, math.inf)
+  schedules.check_step("dense_steps", dense_steps, 0)
+  if total_steps is not None:
+    schedules.check_step("total_steps", total_steps, 0, lo_open=True)
   if finetune_steps is None:
     return dense_steps, None
-  schedules.check_range("finetune_steps", finetune_steps, 0, math.inf)
+  schedules.check_step("finetune_steps", finetune_steps, 0)
   if total_steps is None:
     raise ValueError("finetune_steps needs total_steps (the fine-tune phase is the "
                      "last finetune_steps of total_steps)")

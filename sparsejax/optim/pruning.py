@@ -44,8 +44,10 @@ def check_distribution(distribution: Any) -> None:
                      "per-leaf sparsity tree")
 
 
-def _flags(masks):
-  return jax.tree.map(lambda m: m is not None, masks, is_leaf=core_masks.is_none)
+def _flags(masks, params):
+  # False on dense leaves, None where the param itself is None (no leaf there).
+  return jax.tree.map(lambda m, p: None if p is None else m is not None, masks, params,
+                      is_leaf=core_masks.is_none)
 
 
 def prune_to(params, scores, sparsity, distribution, masks, pattern=None):
@@ -74,7 +76,7 @@ def prune_to(params, scores, sparsity, distribution, masks, pattern=None):
     per_leaf = sparsity
   elif distribution in ("erk", "er"):
     per_leaf = core_dist.erdos_renyi(params, sparsity, kernel=distribution == "erk",
-                                     selection=_flags(masks))
+                                     selection=_flags(masks, params))
   else:
     per_leaf = distribution(params, sparsity)
   return core_pruning.prune(params, scores, per_leaf, masks=masks)[1]
@@ -82,7 +84,8 @@ def prune_to(params, scores, sparsity, distribution, masks, pattern=None):
 
 def _kept_magnitude(m, p):
   # Removed weights never come back: rank them below every kept one.
-  return jnp.where(m, jnp.abs(p), -1.0).astype(jnp.float32)
+  # (Non-finite kept weights rank highest: never pruned, see abs_nonfinite_high.)
+  return jnp.where(m, core_pruning.abs_nonfinite_high(p), -1.0).astype(jnp.float32)
 
 
 def _magnitude_scores(masks, params):
@@ -123,8 +126,9 @@ def _magnitude_policy(sparsity_at, is_update_step, distribution, include, exclud
     return prune_to(params, scores, sparsity_at(step), distribution, old, pattern), None
 
   # Magnitude masks never read gradients: a non-finite gradient cannot block them.
+  # Magnitude masks never read gradients: a non-finite gradient cannot block them.
   return MaskPolicy(init_masks=init_masks, is_update_step=is_update_step,
-                    update_masks=update_masks, target=sparsity_at)
+                    update_masks=update_masks, target=sparsity_at, uses_grads=False)
 
 
 def gradual_magnitude_pruning(
@@ -180,8 +184,20 @@ def gradual_magnitude_pruning(
   """
   schedules.check_range("sparsity", sparsity, 0.0, 1.0, hi_open=True,
                         fix="sparsity is the fraction of zeros, in [0, 1)")
-  schedules.check_range("frequency", frequency, 1, math.inf,
-                        fix="prune at least every 1 step (frequency >= 1)")
+  schedules.check_step("frequency", frequency, 1,
+                       fix="prune at least every 1 step (frequency >= 1)")
+  schedules.check_step("begin_step", begin_step, 0)
+  schedules.check_step("end_step", end_step, 0)
+  si, sf = schedules.concrete(initial_sparsity), schedules.concrete(sparsity)
+  if si is not None and sf is not None and si > sf:
+    raise ValueError(f"gradual_magnitude_pruning: initial_sparsity={si!r} > sparsity={sf!r}; "
+                     "pruning only removes weights, so the ramp must not decrease (use "
+                     "initial_sparsity <= sparsity)")
+  b, e = schedules.concrete(begin_step), schedules.concrete(end_step)
+  if b is not None and e is not None and e <= b:
+    raise ValueError(f"gradual_magnitude_pruning: end_step={int(e)} <= begin_step={int(b)}; the "
+                     "ramp needs end_step > begin_step (for pruning at one step use "
+                     "one_shot_pruning(step=...))")
   check_distribution(distribution)
   pattern = grid.check_pattern(pattern)
   if isinstance(pattern, NM):
@@ -246,7 +262,7 @@ def one_shot_pruning(
     raise ValueError("one_shot_pruning needs a sparsity (or pattern=NM(n, m)).")
   schedules.check_range("sparsity", sparsity, 0.0, 1.0, hi_open=True,
                         fix="sparsity is the fraction of zeros, in [0, 1)")
-  schedules.check_range("step", step, 0, math.inf)
+  schedules.check_step("step", step, 0)
   check_distribution(distribution)
 
   def sparsity_at(t):
@@ -266,8 +282,8 @@ def initial_scores(params, scores, key):
   if isinstance(scores, str):
     if scores == "random":
       return core_scores.random_scores(params, key)
-    if scores == "magnitude":
-      return core_scores.magnitude(params)
+    if scores == "magnitude":  # non-finite weights rank highest (never pruned)
+      return jax.tree.map(core_pruning.abs_nonfinite_high, params)
     raise ValueError(f"unknown scores {scores!r}: use 'random', 'magnitude', a "
                      "score tree like params (e.g. sparsejax.core.scores.saliency"
                      "(params, grads) for SNIP) or a callable (params, key) -> tree")

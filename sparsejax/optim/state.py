@@ -54,6 +54,10 @@ class SparseState(NamedTuple):
       first measured. Non-zero from step 1 on means that something after the
       sparse transformation changed its updates (it is not the outermost
       transformation): see :func:`get_masked_nonzero`.
+    sparse_owed: int32 scalar per masked leaf (``None`` on dense leaves): the
+      step of a mask update this leaf still owes because its gradient was
+      non-finite then (``-1``: none). Only methods whose mask updates read
+      gradients (RigL) ever owe one; it runs at the next finite step.
   """
   sparse_step: jax.Array
   sparse_masks: Any
@@ -62,6 +66,7 @@ class SparseState(NamedTuple):
   sparse_beta: jax.Array
   sparse_inner: Any
   sparse_masked_nonzero: jax.Array
+  sparse_owed: Any
 
 
 def _is_variable(x) -> bool:

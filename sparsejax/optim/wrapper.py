@@ -6,8 +6,13 @@ owns the inner optimizer. Each update:
 
 1. on mask-update steps only (``lax.cond``, one trace serves both kinds of
    step), the policy computes new masks (and the newly grown positions) from
-   the weights, the incoming dense gradients and a PRNG key; non-finite
-   gradients leave the masks unchanged;
+   the weights, the incoming dense gradients and a PRNG key. For policies
+   that read gradients (RigL), a masked leaf whose gradient is non-finite
+   keeps its mask and owes the update, which runs at the next step with a
+   finite gradient on that leaf (``SparseState.sparse_owed``); NaN in other
+   leaves (a dense bias) blocks nothing, and magnitude pruning and SET never
+   skip an update. Non-finite weights are never pruned by magnitude (they
+   could not land on zero: ``w + (-w)`` is NaN);
 2. the gradients given to the inner optimizer are masked (hard methods), or
    get SR-STE's decay term ``decay * (1 - m) * W`` (STE-like methods);
 3. the inner optimizer runs; moments of grown weights are reset with
@@ -107,6 +112,15 @@ class MaskPolicy:
       ``None`` for 0.
     decay: SR-STE's ``lambda_W``: ``decay * (1 - m) * W`` is added to the
       gradient before the inner optimizer.
+    regrows: ``update_masks`` grows weights (moments of untrained entries
+      are reset).
+    uses_grads: ``update_masks`` reads the gradients. Then a masked leaf
+      whose gradient is non-finite (NaN/inf anywhere in it) at a mask update
+      keeps its mask, and the update is owed (``SparseState.sparse_owed``):
+      it runs, with the owed step's schedule, at the next step whose gradient
+      on that leaf is finite (a newer scheduled update supersedes it). Other
+      leaves, including dense ones, never block it. ``False``: gradients are
+      not judged (magnitude pruning, SET), so no mask update is ever skipped.
   """
   init_masks: Callable[..., Any]
   is_update_step: Callable[[Any], Any] | None = None
@@ -117,15 +131,60 @@ class MaskPolicy:
   beta: Callable[[Any], Any] | None = None
   decay: Any = 0.0
   regrows: bool = False
+  uses_grads: bool = True
 
 
-def _all_finite(tree) -> jax.Array:
-  # A sum is non-finite iff an entry is (barring float32 overflow of the sum
-  # itself, which only skips one mask update), and a plain reduction of an
-  # existing buffer needs no leaf-sized scratch memory.
-  leaves = [jnp.isfinite(jnp.sum(x, dtype=jnp.float32)) for x in jax.tree.leaves(tree)
-            if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
-  return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
+def _leaf_finite(x) -> jax.Array:
+  """Whether every entry of ``x`` is finite: one fused ``isfinite`` reduction
+  over the existing buffer (no scratch copy, and unlike a sum it cannot
+  overflow)."""
+  if not jnp.issubdtype(jnp.result_type(x), jnp.inexact):
+    return jnp.asarray(True)
+  return jnp.all(jnp.isfinite(x))
+
+
+def init_owed(masks) -> Any:
+  """``SparseState.sparse_owed`` with nothing owed: ``-1`` on every masked leaf.
+
+  >>> import jax.numpy as jnp
+  >>> o = init_owed({'w': jnp.ones((2, 2), bool), 'b': None})
+  >>> int(o['w']), o['b']
+  (-1, None)
+  """
+  return jax.tree.map(lambda m: None if m is None else jnp.full((), -1, jnp.int32),
+                      masks, is_leaf=_is_none)
+
+
+def _owed_step(owed) -> jax.Array:
+  # All owed leaves owe the same (latest) scheduled update: a newer update
+  # supersedes an older one still owed.
+  leaves = jax.tree.leaves(owed)
+  if not leaves:
+    return jnp.full((), -1, jnp.int32)
+  return jnp.max(jnp.stack(leaves))
+
+
+def _owed_after(old, grads, owed, is_upd, step, uses_grads):
+  """Per masked leaf: (accept the new mask, owed step after this update).
+
+  A leaf takes part in this mask update if it is a scheduled step or the leaf
+  owes one. It accepts the new mask iff the policy does not read gradients or
+  the leaf's gradient is finite; otherwise it keeps its mask and owes the
+  update (``-1``: nothing owed).
+  """
+  def accept_leaf(m, g, o):
+    if m is None:
+      return None
+    wanted = is_upd | (o >= 0)
+    return wanted & _leaf_finite(g) if uses_grads else wanted
+
+  def owed_leaf(a, o):
+    if a is None:
+      return None
+    return jnp.where(a, -1, jnp.where(is_upd, step, o)).astype(jnp.int32)
+
+  accept = jax.tree.map(accept_leaf, old, grads, owed, is_leaf=_is_none)
+  return accept, jax.tree.map(owed_leaf, accept, owed, is_leaf=_is_none)
 
 
 def _count_masked_nonzero(masks, params) -> jax.Array:
@@ -232,6 +291,7 @@ def sparse_wrapper(inner: optax.GradientTransformation | None, policy: MaskPolic
         sparse_beta=beta_at(zero),
         sparse_inner=inner.init(pure),
         sparse_masked_nonzero=jnp.full((), -1, jnp.int32),
+        sparse_owed=init_owed(masks),
     )
 
   def update_fn(updates, state, params=None, **extra_args):
@@ -247,6 +307,7 @@ def sparse_wrapper(inner: optax.GradientTransformation | None, policy: MaskPolic
     key_data = state.sparse_key
     target = state.sparse_target
     train = None  # where the inner optimizer trains (None: the masks)
+    owed = state.sparse_owed
     is_upd = None
     if policy.update_masks is not None:
       is_upd = jnp.asarray(policy.is_update_step(step), bool)
@@ -254,28 +315,35 @@ def sparse_wrapper(inner: optax.GradientTransformation | None, policy: MaskPolic
 
     if policy.update_masks is not None:
 
+      # Owed updates (see _owed_after): a masked leaf whose gradient was
+      # non-finite at a mask update keeps its mask and is updated at the next
+      # step whose gradient on it is finite, with the owed step's schedule.
+      owed_step = _owed_step(owed)
+      run = is_upd | (owed_step >= 0)
+      mask_step = jnp.where(is_upd, step, owed_step)
+
       def do_update(operands):
-        old, kd, p, g = operands
+        old, kd, p, g, ow = operands
         k, sub = jax.random.split(_wrap_key(kd))
-        new, new_grown = policy.update_masks(step, old, p, g, sub)
-        ok = _all_finite(g)
-        new = jax.tree.map(lambda n, o: None if o is None else jnp.where(ok, n, o),
-                           new, old, is_leaf=_is_none)
+        new, new_grown = policy.update_masks(mask_step, old, p, g, sub)
+        accept, new_owed = _owed_after(old, g, ow, is_upd, step, policy.uses_grads)
+        new = jax.tree.map(lambda n, o, a: None if o is None else jnp.where(a, n, o),
+                           new, old, accept, is_leaf=_is_none)
         if policy.regrows:  # trainable = kept, not newly grown (grown start at 0)
-          train = jax.tree.map(lambda n, g: None if n is None else n & ~(g & ok),
-                               new, new_grown, is_leaf=_is_none)
+          train = jax.tree.map(lambda n, g, a: None if n is None else n & ~(g & a),
+                               new, new_grown, accept, is_leaf=_is_none)
         else:
           train = None
-        return new, train, jax.random.key_data(k)
+        return new, train, jax.random.key_data(k), new_owed
 
       def no_update(operands):
-        old, kd, _, _ = operands
-        return old, (old if policy.regrows else None), kd
+        old, kd, _, _, ow = operands
+        return old, (old if policy.regrows else None), kd, ow
 
       # As cond operands, params and grads are materialised once, so the
       # selection passes inside the branch all see the same values.
-      operands = (masks, key_data, params, updates)
-      masks, train, key_data = lax.cond(is_upd, do_update, no_update, operands)
+      operands = (masks, key_data, params, updates, owed)
+      masks, train, key_data, owed = lax.cond(run, do_update, no_update, operands)
       target = jnp.where(is_upd, jnp.asarray(policy.target(step), jnp.float32), target)
 
     hard_now = hard(step) if callable(hard) else hard
@@ -348,6 +416,7 @@ def sparse_wrapper(inner: optax.GradientTransformation | None, policy: MaskPolic
         sparse_beta=beta_at(new_step),
         sparse_inner=inner_state,
         sparse_masked_nonzero=masked_nonzero,
+        sparse_owed=owed,
     )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
