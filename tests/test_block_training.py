@@ -248,6 +248,17 @@ def test_block_static_distributions_exact_in_blocks():
   np.testing.assert_array_equal(got, sel)
 
 
+def test_channel_pattern_keeps_whole_output_neurons():
+  params = make_params()
+  tx = so.static_sparse(optax.sgd(0.1), sparsity=0.5, pattern=sj.Channel(-1),
+                        scores="magnitude", distribution="uniform")
+  masks = so.get_masks(jax.jit(tx.init)(params))
+  for p in KERNELS:
+    w = np.abs(np.asarray(leaf(params, p), np.float64))
+    col = topk(w.sum(axis=0), keep_count(w.shape[1], 0.5), np.ones(w.shape[1], bool))
+    np.testing.assert_array_equal(leaf(masks, p), np.broadcast_to(col, w.shape))
+
+
 def test_nm_pattern_one_shot_and_static():
   params = make_params()
   nm = sj.NM(2, 4)
