@@ -1,6 +1,7 @@
 """Block-sparse matmul ``y = x @ W``: time, effective TFLOP/s and ratio to the ideal, with peers.
 
-One process, one call: for each size S (tokens = in = out = S) it times the dense ``jnp.dot``
+One process, one call: for each size S (in = out = S; tokens = S, or each of ``--tokens``) it
+times the dense ``jnp.dot``
 (forward, and forward+backward = three products), then for each block density d builds a random
 block mask with exactly round(d * blocks) blocks, checks ``pallas_kernels.bsr_matmul`` (value,
 dx and dW) against the dense masked product on the device, and times it. Printed per row:
@@ -8,7 +9,13 @@ dx and dW) against the dense masked product on the device, and times it. Printed
 * time: median wall time of a synchronised call (ms);
 * TFLOP/s: effective throughput over the stored blocks only (2 * S * nnzb * br * bc FLOPs
   forward, three times that forward+backward);
-* x ideal: time / (d * dense time of the same pass, measured in this process).
+* x ideal: time / (d * dense time of the same pass, measured in this process);
+* vs dense: dense time of the same pass / time (the speed-up over ``jnp.dot``).
+
+Timing: each measurement is the median of up to ``--iters`` calls; with ``--interleave R`` the
+dense and block-sparse calls of one row are instead alternated R times and the minimum of each
+is kept (on a shared machine the minimum is the least disturbed run, and alternating exposes
+both to the same load).
 
 Peers, same masks: ``jax.experimental.sparse.BCSR`` (element-sparse CSR of W^T, y^T = W^T @ x^T)
 and, when torch imports, torch BSR (``to_sparse_bsr``, y^T = W^T_bsr @ x^T; forward+backward
@@ -18,6 +25,8 @@ skipped at higher densities of that size.
     python benchmarks/bsr_matmul.py                                   # GPU/TPU: 8192 and 4096, bf16
     python benchmarks/bsr_matmul.py --backend mosaic_gpu,triton       # H100/H200: both GPU kernels
     python benchmarks/bsr_matmul.py --sizes 512 --backend interpret   # CPU smoke run
+    python benchmarks/bsr_matmul.py --sizes 2048 4096 --tokens 256 1024 4096 --block 32 \
+        --densities 0.1 0.25 --dtype f32 --backend xla_cpu --peers '' --interleave 5   # CPU
 """
 
 from __future__ import annotations
@@ -73,6 +82,7 @@ def exact_block_mask(rng, grid, density):
 
 @dataclasses.dataclass
 class Row:
+  tokens: int
   size: int
   density: float
   impl: str
@@ -82,6 +92,7 @@ class Row:
   ratio: float | None
   runs: int = 0
   note: str = ""
+  speedup: float | None = None
 
 
 def ours(backend, interpret):
@@ -171,13 +182,109 @@ def bench_torch(x, w_masked_t, dy, block_shape, args):
 PEERS = {"bcsr": ("jax.experimental.sparse.BCSR", bench_bcsr), "torch": ("torch BSR", bench_torch)}
 
 
+def interleaved(calls: dict, rounds: int) -> dict:
+  """``{key: (min seconds, rounds)}``, alternating the calls ``rounds`` times after a warm-up."""
+  for f in calls.values():
+    f()
+  best = {k: float("inf") for k in calls}
+  for _ in range(rounds):
+    for k, f in calls.items():
+      t = time.perf_counter()
+      f()
+      best[k] = min(best[k], time.perf_counter() - t)
+  return {k: (t, rounds) for k, t in best.items()}
+
+
+def run_size(args, size, tokens, dtype, block_shape, backends, peers, torch_ok, rng, rows) -> int:
+  """Dense, ours and peers for one (size, tokens); appends to ``rows``, returns the failure count."""
+  failures = 0
+  keys = jax.random.split(jax.random.key(args.seed + size), 3)
+  x = jax.random.normal(keys[0], (tokens, size), dtype)
+  w_dense = (jax.random.normal(keys[1], (size, size), jnp.float32) / np.sqrt(size)).astype(dtype)
+  dy = jax.random.normal(keys[2], (tokens, size), dtype)
+
+  dense_fwd = jax.jit(lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype))
+
+  @jax.jit
+  def dense_fwd_bwd(x, w, dy):
+    y, vjp = jax.vjp(dense_fwd, x, w)
+    return y, *vjp(dy)
+
+  dense_calls = {
+      "fwd": lambda: block(dense_fwd(x, w_dense)),
+      "fwd+bwd": lambda: block(dense_fwd_bwd(x, w_dense, dy)),
+  }
+  dense = {k: timeit(f, iters=args.iters, budget=args.budget) for k, f in dense_calls.items()}
+  for pass_, (t, n) in dense.items():
+    flops = 2 * tokens * size**2 * (3 if pass_ == "fwd+bwd" else 1)
+    rows.append(Row(tokens, size, 1.0, "dense jnp.dot", pass_, t * 1e3, flops / t / 1e12, None, n))
+    print(f"  {rows[-1]}", flush=True)
+
+  grid = (size // block_shape[0], size // block_shape[1])
+  skip = {} if torch_ok or "torch" not in peers else {"torch": "skipped (torch does not import)"}
+  for density in args.densities:
+    bmask = exact_block_mask(rng, grid, density)
+    nnzb = int(bmask.sum())
+    d = nnzb / bmask.size
+    mask = jnp.asarray(expand_block_mask(bmask, block_shape))
+    w = bsr_from_dense(w_dense, mask, block_shape)
+    fwd_flops = 2 * tokens * nnzb * block_shape[0] * block_shape[1]
+
+    def add(impl, results, note="", dense_times=None):
+      for pass_ in ("fwd", "fwd+bwd"):
+        r = results.get(pass_)
+        if isinstance(r, tuple):
+          t, n = r
+          flops = fwd_flops * (3 if pass_ == "fwd+bwd" else 1)
+          t_dense = (dense_times or dense)[pass_][0]
+          ideal = d * t_dense
+          rows.append(Row(tokens, size, d, impl, pass_, t * 1e3, flops / t / 1e12, t / ideal if ideal else None, n, note, t_dense / t))
+        else:
+          rows.append(Row(tokens, size, d, impl, pass_, None, None, None, 0, r or note))
+        print(f"  {rows[-1]}", flush=True)
+
+    for backend in backends:
+      fwd, fwd_bwd = ours(backend, args.interpret)
+      ok, errs = check_ours(x, w_dense, mask, dy, w, fwd_bwd, args.dtype)  # check, then time
+      failures += not ok
+      note = ("ok " if ok else "WRONG ") + " ".join(f"{k}={v:.1e}" for k, v in errs.items())
+      calls = {"fwd": lambda: block(fwd(x, w)), "fwd+bwd": lambda: block(fwd_bwd(x, w, dy))}
+      dense_now = None
+      if args.interleave:
+        both = interleaved({**{("ours", k): f for k, f in calls.items()}, **{("dense", k): f for k, f in dense_calls.items()}}, args.interleave)
+        timed = {k: both["ours", k] for k in calls}
+        dense_now = {k: both["dense", k] for k in calls}
+        note += f" (min of {args.interleave} alternated runs; dense {dense_now['fwd'][0] * 1e3:.1f} / {dense_now['fwd+bwd'][0] * 1e3:.1f} ms)"
+      else:
+        timed = {k: timeit(f, iters=args.iters, budget=args.budget) for k, f in calls.items()}
+      add(f"bsr_matmul[{backend or 'auto: ' + default_backend()}]", timed, note, dense_now)
+
+    w_masked_t = jnp.where(mask, w_dense, 0).T
+    for peer in peers:
+      label, run = PEERS[peer]
+      if peer in skip:
+        add(label, {}, skip[peer])
+        continue
+      try:
+        res, err = run(x, w_masked_t, dy, block_shape, args)
+      except Exception as e:  # noqa: BLE001 (a peer failing must not stop the run)
+        add(label, {}, f"failed: {type(e).__name__}: {str(e)[:80]}")
+        continue
+      if any(isinstance(r, tuple) and r[0] > args.peer_budget for r in res.values()):
+        skip[peer] = f"skipped (over {args.peer_budget:g} s per call at a lower density)"
+      add(label, res, f"err y={err:.1e}")
+  return failures
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--sizes", type=int, nargs="+", default=[8192, 4096], help="tokens = in = out")
+  p.add_argument("--sizes", type=int, nargs="+", default=[8192, 4096], help="in = out (and tokens unless --tokens)")
+  p.add_argument("--tokens", type=int, nargs="+", default=None, help="rows of x (default: each size)")
+  p.add_argument("--interleave", type=int, default=0, help="alternate ours and dense R times, keep minima")
   p.add_argument("--densities", type=float, nargs="+", default=[0.05, 0.1, 0.25, 0.5, 1.0])
   p.add_argument("--block", type=int, nargs="+", default=[128], help="br [bc]")
   p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
-  p.add_argument("--backend", default="auto", help="comma list of auto, mosaic_gpu, triton, tpu, interpret, reference")
+  p.add_argument("--backend", default="auto", help="comma list of auto, mosaic_gpu, triton, tpu, interpret, xla_cpu, reference")
   p.add_argument("--interpret", action="store_true", help="run the chosen Pallas kernel in interpret mode")
   p.add_argument("--peers", default="bcsr,torch", help="comma list of bcsr, torch; '' for none")
   p.add_argument("--iters", type=int, default=20)
@@ -209,82 +316,17 @@ def main(argv=None):
   rng = np.random.default_rng(args.seed)
 
   for size in args.sizes:
-    keys = jax.random.split(jax.random.key(args.seed + size), 3)
-    x = jax.random.normal(keys[0], (size, size), dtype)
-    w_dense = (jax.random.normal(keys[1], (size, size), jnp.float32) / np.sqrt(size)).astype(dtype)
-    dy = jax.random.normal(keys[2], (size, size), dtype)
-
-    dense_fwd = jax.jit(lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype))
-
-    @jax.jit
-    def dense_fwd_bwd(x, w, dy):
-      y, vjp = jax.vjp(dense_fwd, x, w)
-      return y, *vjp(dy)
-
-    dense = {
-        "fwd": timeit(lambda: block(dense_fwd(x, w_dense)), iters=args.iters, budget=args.budget),
-        "fwd+bwd": timeit(lambda: block(dense_fwd_bwd(x, w_dense, dy)), iters=args.iters, budget=args.budget),
-    }
-    for pass_, (t, n) in dense.items():
-      flops = 2 * size**3 * (3 if pass_ == "fwd+bwd" else 1)
-      rows.append(Row(size, 1.0, "dense jnp.dot", pass_, t * 1e3, flops / t / 1e12, None, n))
-      print(f"  {rows[-1]}", flush=True)
-
-    grid = (size // block_shape[0], size // block_shape[1])
-    skip = {} if torch_ok or "torch" not in peers else {"torch": "skipped (torch does not import)"}
-    for density in args.densities:
-      bmask = exact_block_mask(rng, grid, density)
-      nnzb = int(bmask.sum())
-      d = nnzb / bmask.size
-      mask = jnp.asarray(expand_block_mask(bmask, block_shape))
-      w = bsr_from_dense(w_dense, mask, block_shape)
-      fwd_flops = 2 * size * nnzb * block_shape[0] * block_shape[1]
-
-      def add(impl, results, note=""):
-        for pass_ in ("fwd", "fwd+bwd"):
-          r = results.get(pass_)
-          if isinstance(r, tuple):
-            t, n = r
-            flops = fwd_flops * (3 if pass_ == "fwd+bwd" else 1)
-            ideal = d * dense[pass_][0]
-            rows.append(Row(size, d, impl, pass_, t * 1e3, flops / t / 1e12, t / ideal if ideal else None, n, note))
-          else:
-            rows.append(Row(size, d, impl, pass_, None, None, None, 0, r or note))
-          print(f"  {rows[-1]}", flush=True)
-
-      for backend in backends:
-        fwd, fwd_bwd = ours(backend, args.interpret)
-        ok, errs = check_ours(x, w_dense, mask, dy, w, fwd_bwd, args.dtype)  # check, then time
-        failures += not ok
-        note = ("ok " if ok else "WRONG ") + " ".join(f"{k}={v:.1e}" for k, v in errs.items())
-        timed = {
-            "fwd": timeit(lambda: block(fwd(x, w)), iters=args.iters, budget=args.budget),
-            "fwd+bwd": timeit(lambda: block(fwd_bwd(x, w, dy)), iters=args.iters, budget=args.budget),
-        }
-        add(f"bsr_matmul[{backend or 'auto: ' + default_backend()}]", timed, note)
-
-      w_masked_t = jnp.where(mask, w_dense, 0).T
-      for peer in peers:
-        label, run = PEERS[peer]
-        if peer in skip:
-          add(label, {}, skip[peer])
-          continue
-        try:
-          res, err = run(x, w_masked_t, dy, block_shape, args)
-        except Exception as e:  # noqa: BLE001 (a peer failing must not stop the run)
-          add(label, {}, f"failed: {type(e).__name__}: {str(e)[:80]}")
-          continue
-        if any(isinstance(r, tuple) and r[0] > args.peer_budget for r in res.values()):
-          skip[peer] = f"skipped (over {args.peer_budget:g} s per call at a lower density)"
-        add(label, res, f"err y={err:.1e}")
+    for tokens in args.tokens or [size]:
+      failures += run_size(args, size, tokens, dtype, block_shape, backends, peers, torch_ok, rng, rows)
 
   print("\nBlock-sparse matmul, " + f"{args.dtype}, blocks {block_shape}, device {dev.device_kind}")
-  print(f"{'size':>6} {'density':>7} {'impl':<34} {'pass':<8} {'ms':>9} {'TFLOP/s':>8} {'x ideal':>8}  note")
+  print(f"{'tokens':>6} {'size':>6} {'density':>7} {'impl':<34} {'pass':<8} {'ms':>9} {'TFLOP/s':>8} {'x ideal':>8} {'vs dense':>8}  note")
   for r in rows:
     ms = f"{r.ms:9.3f}" if r.ms is not None else f"{'-':>9}"
-    tf = f"{r.tflops:8.2f}" if r.tflops is not None else f"{'-':>8}"
+    tf = f"{r.tflops:8.3f}" if r.tflops is not None else f"{'-':>8}"
     ra = f"{r.ratio:8.2f}" if r.ratio is not None else f"{'-':>8}"
-    print(f"{r.size:>6} {r.density:>7.3f} {r.impl:<34} {r.pass_:<8} {ms} {tf} {ra}  {r.note}")
+    sp = f"{r.speedup:7.2f}x" if r.speedup is not None else f"{'-':>8}"
+    print(f"{r.tokens:>6} {r.size:>6} {r.density:>7.3f} {r.impl:<34} {r.pass_:<8} {ms} {tf} {ra} {sp}  {r.note}")
   if args.json:
     with open(args.json, "w") as f:
       json.dump([dataclasses.asdict(r) for r in rows], f, indent=1)

@@ -138,3 +138,9 @@ def test_cpu_dispatch_and_explicit_reference_agree():
   assert "while" in auto.lower(jnp.asarray(x)).as_text()  # the looped path, not a dense dot
   ref = bsr_matmul(jnp.asarray(x), w, backend="reference")
   assert relative_error(auto(jnp.asarray(x)), ref) < 1e-6
+
+
+def test_token_tiles_with_a_ragged_last_tile(monkeypatch):
+  # Long inputs run in passes of TOKEN_TILE rows (dW sums the passes); 21 rows = 2 tiles of 8 + 5.
+  monkeypatch.setattr(xla_cpu, "TOKEN_TILE", 8)
+  check_bsr_matmul("xla_cpu", m_shape=(3, 7), k=64, n=96, block=(16, 32), density=0.5, empty_rows=1, empty_cols=1)

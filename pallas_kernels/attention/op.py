@@ -77,6 +77,10 @@ def _backward(q, k, v, out, lse, d_out, d_lse, block_mask, scale, impl: _Impl):
                      precision=jax.lax.Precision.HIGHEST)
   if d_lse is not None:
     delta = delta - jnp.where(jnp.isfinite(lse), d_lse.astype(ct), 0.0)
+  # A row with a NaN/inf output has a NaN LSE, so its attended probabilities are already NaN;
+  # a finite delta keeps its masked entries (p = 0) at ds = 0 instead of 0 * NaN, so NaN
+  # gradients reach only the keys the row attends, as through dense attention's mask.
+  delta = jnp.where(jnp.isfinite(delta), delta, 0.0)
   if impl.backend == "reference":
     from pallas_kernels.attention import reference  # pylint: disable=g-import-not-at-top
     return reference.blockwise_attention_bwd(q, k, v, lse, delta, d_out, block_mask, scale=scale)
@@ -139,7 +143,10 @@ def block_sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, block_mask:
     The output ``[batch, q_len, heads, head_dim]`` in the input dtype (and the LSE).
     Softmax statistics are float32 (float64 inputs: float64 on the reference
     backend, for tests). A query row that attends to no key gets a zero
-    output, ``lse = -inf`` and zero gradients.
+    output, ``lse = -inf`` and zero gradients. Non-finite inputs propagate as in
+    dense attention: a row that attends a NaN/inf key, or whose query is NaN/inf,
+    gets a NaN output and LSE (and NaN gradients); only values inside visited
+    blocks are read.
 
   >>> from pallas_kernels.attention import causal_mask
   >>> q = k = v = jnp.ones((1, 64, 2, 32))

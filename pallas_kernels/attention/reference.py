@@ -63,8 +63,8 @@ def attention_dense_reference(q, k, v, block_mask: BlockMask | None = None, *, t
   l = jnp.sum(p, axis=-1, keepdims=True)
   o = jnp.einsum("bhqk,bkhd->bqhd", p, vf, precision="highest")
   l_t = jnp.transpose(l[..., 0], (0, 2, 1))[..., None]
-  o = jnp.where(l_t > 0, o / jnp.where(l_t > 0, l_t, 1), 0)
-  lse = jnp.where(l[..., 0] > 0, m[..., 0] + jnp.log(jnp.where(l[..., 0] > 0, l[..., 0], 1)),
+  o = jnp.where(l_t != 0, o / jnp.where(l_t != 0, l_t, 1), 0)  # NaN rows stay NaN
+  lse = jnp.where(l[..., 0] != 0, m[..., 0] + jnp.log(jnp.where(l[..., 0] != 0, l[..., 0], 1)),
                   -jnp.inf)
   return o.astype(q.dtype), lse
 
@@ -145,7 +145,7 @@ def blockwise_attention_fwd(q, k, v, block_mask: BlockMask, *, scale: float | No
     return alpha[..., None] * acc + pv, m_new, l
 
   acc, m, l = lax.fori_loop(0, jnp.max(counts, initial=0), body, init)
-  pos = l > 0
+  pos = l != 0  # empty rows (l == 0) give 0 / -inf; NaN from q/k stays NaN, as in dense attention
   out = jnp.where(pos[..., None], acc / jnp.where(pos, l, 1)[..., None], 0)
   lse = jnp.where(pos, m + jnp.log(jnp.where(pos, l, 1)), -jnp.inf)
   lse = lse.reshape(dims.batch, dims.num_heads, dims.q_pad)[..., :dims.q_len]

@@ -49,6 +49,17 @@ def _pad(v: jax.Array, count: int, fill) -> jax.Array:
   return jnp.concatenate([v, pad], axis=0)
 
 
+# Token rows per pass: the strided input gathers and output updates of one pass stay in cache.
+TOKEN_TILE = 512
+
+
+def _tiles(a: jax.Array) -> tuple[jax.Array, int]:
+  """``a`` ``[tokens, n]`` as ``[tiles, TOKEN_TILE, n]`` (zero-padded) and the tile count."""
+  tiles = -(-a.shape[0] // TOKEN_TILE)
+  a = jnp.pad(a, ((0, tiles * TOKEN_TILE - a.shape[0]), (0, 0)))
+  return a.reshape(tiles, TOKEN_TILE, a.shape[1]), tiles
+
+
 def spmm(a: jax.Array, w: BlockSparseMatrix, *, transpose: bool = False) -> jax.Array:
   """``a @ W`` (``a @ W^T`` with ``transpose``), float32 accumulation, in ``a``'s dtype.
 
@@ -66,6 +77,14 @@ def spmm(a: jax.Array, w: BlockSparseMatrix, *, transpose: bool = False) -> jax.
   >>> spmm(jnp.ones((1, 4)), w).tolist()
   [[2.0, 2.0, 2.0, 2.0]]
   """
+  if a.shape[0] > TOKEN_TILE:
+    tiled, _ = _tiles(a)
+    out = lax.map(lambda t: _spmm(t, w, transpose), tiled)
+    return out.reshape(-1, out.shape[-1])[: a.shape[0]]
+  return _spmm(a, w, transpose)
+
+
+def _spmm(a, w, transpose):
   (kb, nb), (br, bc) = w.grid, w.block_shape
   tokens = a.shape[0]
   if transpose:  # groups: block rows i (slots in row-major order); inner: block columns
@@ -114,6 +133,18 @@ def sddmm(a: jax.Array, b: jax.Array, w: BlockSparseMatrix) -> jax.Array:
   >>> sddmm(jnp.ones((3, 2)), jnp.ones((3, 4)), w)[0].tolist()
   [[3.0, 3.0], [3.0, 3.0]]
   """
+  if a.shape[0] > TOKEN_TILE:
+    (a_tiles, tiles), (b_tiles, _) = _tiles(a), _tiles(b)
+    total = lax.fori_loop(
+        0, tiles, lambda t, acc: acc + _sddmm(a_tiles[t], b_tiles[t], w), jnp.zeros(w.blocks.shape, jnp.float32)
+    )
+  else:
+    total = _sddmm(a, b, w)
+  return jnp.where(w.valid()[:, None, None], total, 0.0).astype(w.dtype)
+
+
+def _sddmm(a, b, w):
+  """float32 ``[capacity, br, bc]``; padding slots hold garbage."""
   (kb, nb), (br, bc) = w.grid, w.block_shape
   tokens = a.shape[0]
   g = _group(bc, w.capacity, kb, b.dtype)
@@ -136,4 +167,4 @@ def sddmm(a: jax.Array, b: jax.Array, w: BlockSparseMatrix) -> jax.Array:
     return lax.fori_loop(0, (stop - start + g - 1) // g, chunk, out)
 
   out = lax.fori_loop(0, kb, block_row, jnp.zeros((w.capacity + g, br, bc), jnp.float32))
-  return jnp.where(w.valid()[:, None, None], out[: w.capacity], 0.0).astype(w.dtype)
+  return out[: w.capacity]
