@@ -434,7 +434,9 @@ def compile_for(fn: Callable, *args, target: str | Target, static_argnums=(),  #
     start = time.perf_counter()
     try:
       with target_context(t):
-        lowered = jax.jit(fn, **jit_kw).trace(*placed).lower()
+        # The platform named explicitly: jax >= 0.12 cannot name "gpu" devices' platform while
+        # JAX_PLATFORMS=cpu keeps the CUDA backend uninitialised.
+        lowered = jax.jit(fn, **jit_kw).trace(*placed).lower(lowering_platforms=(t.platform,))
       compiled = lowered.compile(compiler_options=options) if options else lowered.compile()
     except Exception as e:  # pylint: disable=broad-except  (a compile failure is a result)
       seconds = time.perf_counter() - start
@@ -463,8 +465,8 @@ def _shorten(text: str, limit: int = 2000) -> str:
 def versions() -> dict[str, str]:
   """Versions of what compiles: jax, jaxlib, libtpu, the CUDA plugin, ptxas.
 
-  >>> sorted(versions())[:2]
-  ['jax', 'jaxlib']
+  >>> sorted(versions())
+  ['jax', 'jax-cuda12-plugin', 'jaxlib', 'libtpu', 'ptxas']
   """
   from importlib import metadata  # pylint: disable=g-import-not-at-top
   out = {"jax": jax.__version__}

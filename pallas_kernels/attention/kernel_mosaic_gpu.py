@@ -33,6 +33,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from pallas_kernels import _cost
 from pallas_kernels.attention._common import Dims, allowed_in_block, pad_axis
 from pallas_kernels.attention.block_mask import BlockMask
 
@@ -398,6 +399,8 @@ def _run_kv_stream(mode, q, k, v, extra, block_mask: BlockMask, dims: Dims, *, s
         grid=(dims.num_heads, dims.nq, dims.batch), grid_names=("heads", "q_seq", "batch"),
         num_threads=_COMPUTE_WGS + 1, thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
+        **_cost.kernel_kwargs(plgpu.kernel, _cost.attention(
+            dims, block_mask, mode, jnp.dtype(q.dtype).itemsize)),
     )(*args)
 
 
@@ -623,5 +626,7 @@ def flash_bwd(q, k, v, d_out, lse, delta, block_mask: BlockMask, dims: Dims, *, 
         scratch_types=[scratch], grid=(dims.num_kv_heads, dims.nk, dims.batch),
         grid_names=("heads", "kv_seq", "batch"), num_threads=_COMPUTE_WGS + 1, thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
+        **_cost.kernel_kwargs(plgpu.kernel, _cost.attention(
+            dims, block_mask, "dkv", jnp.dtype(q.dtype).itemsize)),
     )(*args)
   return dq[:, :dims.q_len], dk[:, :dims.kv_len], dv[:, :dims.kv_len]

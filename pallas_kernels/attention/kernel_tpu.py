@@ -30,6 +30,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from pallas_kernels import _cost
 from pallas_kernels.attention._common import Dims, allowed_in_block, pad_axis
 from pallas_kernels.attention.block_mask import FULL, PARTIAL, BlockMask
 
@@ -164,6 +165,7 @@ def flash_fwd(q, k, v, block_mask: BlockMask, dims: Dims, *, scale: float, inter
                  jax.ShapeDtypeStruct((dims.batch, dims.num_heads, 1, dims.q_pad), jnp.float32)],
       compiler_params=pltpu.CompilerParams(
           dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
+      cost_estimate=_cost.attention(dims, block_mask, "fwd", jnp.dtype(q.dtype).itemsize),
       interpret=_params(interpret), name="block_sparse_attention_fwd_tpu",
   )(sched, qt, kt, vt, *qd_col, *kd_row)
   out = jnp.transpose(out, (0, 2, 1, 3))[:, :dims.q_len]
@@ -289,6 +291,7 @@ def flash_bwd(q, k, v, d_out, lse, delta, block_mask: BlockMask, dims: Dims, *, 
           in_specs=in_specs, out_specs=q_spec,
           scratch_shapes=[pltpu.VMEM((bq, d), jnp.float32)]),
       out_shape=jax.ShapeDtypeStruct(qt.shape, q.dtype), compiler_params=sem,
+      cost_estimate=_cost.attention(dims, block_mask, "dq", jnp.dtype(q.dtype).itemsize),
       interpret=_params(interpret), name="block_sparse_attention_dq_tpu",
   )(sched, qt, kt, vt, dot_, lse_r, delta_r, *qd_row, *kd_col)
 
@@ -322,6 +325,7 @@ def flash_bwd(q, k, v, d_out, lse, delta, block_mask: BlockMask, dims: Dims, *, 
           in_specs=in_specs, out_specs=[kv_spec, kv_spec],
           scratch_shapes=[pltpu.VMEM((bk, d), jnp.float32), pltpu.VMEM((bk, d), jnp.float32)]),
       out_shape=[jax.ShapeDtypeStruct(kt.shape, k.dtype), jax.ShapeDtypeStruct(vt.shape, v.dtype)],
+      cost_estimate=_cost.attention(dims, block_mask, "dkv", jnp.dtype(q.dtype).itemsize),
       compiler_params=sem, interpret=_params(interpret), name="block_sparse_attention_dkv_tpu",
   )(tsched, qt, kt, vt, dot_, lse_r, delta_r, *qd_row, *kd_col)
   back = lambda x, n: jnp.transpose(x, (0, 2, 1, 3))[:, :n]

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from pallas_kernels import _cost
 from pallas_kernels.attention._common import (Dims, allowed_in_block, pad_axis,
                                               padded_mask_data)
 from pallas_kernels.attention.block_mask import BlockMask
@@ -146,6 +147,7 @@ def flash_fwd(q, k, v, block_mask: BlockMask, dims: Dims, *, scale: float, inter
   out, lse = pl.pallas_call(
       kernel, out_shape=out_shape, grid=(dims.batch, dims.num_heads, nq), in_specs=in_specs,
       out_specs=out_specs, interpret=interpret, compiler_params=compiler_params,
+      cost_estimate=_cost.attention(dims, block_mask, "fwd", jnp.dtype(q.dtype).itemsize),
       name="block_sparse_attention_fwd",
   )(qp, kp, vp, bm.full_kv_counts, bm.full_kv_indices, bm.partial_kv_counts,
     bm.partial_kv_indices, *qd, *kd)
@@ -264,6 +266,7 @@ def flash_bwd(q, k, v, d_out, lse, delta, block_mask: BlockMask, dims: Dims, *, 
   dq = pl.pallas_call(
       functools.partial(_dq_kernel, **common), grid=(dims.batch, dims.num_heads, nq),
       out_shape=jax.ShapeDtypeStruct(qp.shape, q.dtype), in_specs=in_specs, out_specs=q_spec,
+      cost_estimate=_cost.attention(dims, block_mask, "dq", jnp.dtype(q.dtype).itemsize),
       interpret=interpret, compiler_params=compiler_params, name="block_sparse_attention_dq",
   )(qp, kp, vp, dop, lse_p, delta_p, bm.full_kv_counts, bm.full_kv_indices,
     bm.partial_kv_counts, bm.partial_kv_indices, *qd, *kd)
@@ -289,6 +292,7 @@ def flash_bwd(q, k, v, d_out, lse, delta, block_mask: BlockMask, dims: Dims, *, 
       functools.partial(_dkv_kernel, **common), grid=(dims.batch, hk, nk),
       out_shape=[jax.ShapeDtypeStruct(kp.shape, k.dtype), jax.ShapeDtypeStruct(vp.shape, v.dtype)],
       in_specs=in_specs, out_specs=[kv_blk, kv_blk], interpret=interpret,
+      cost_estimate=_cost.attention(dims, block_mask, "dkv", jnp.dtype(q.dtype).itemsize),
       compiler_params=compiler_params, name="block_sparse_attention_dkv",
   )(q5, kp, vp, do5, lse4, delta4, bm.full_q_counts, bm.full_q_indices, bm.partial_q_counts,
     bm.partial_q_indices, *qd, *kd)

@@ -33,6 +33,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_kernels import _cost
 from pallas_kernels.matmul import _common
 from pallas_kernels.matmul.format import BlockSparseMatrix, _name
 
@@ -175,7 +176,7 @@ def _store(o_smem, acc, dst):
   plgpu.copy_smem_to_gmem(o_smem, dst)
 
 
-def _kernel(body, out_type, scratch, n_tiles, interpret):
+def _kernel(body, out_type, scratch, n_tiles, interpret, cost):
   num_sms = min(_num_sms(interpret), n_tiles)
   return plgpu.kernel(
       functools.partial(body, num_sms=num_sms),
@@ -187,6 +188,7 @@ def _kernel(body, out_type, scratch, n_tiles, interpret):
       thread_name="wg",
       compiler_params=_compiler_params(),
       interpret=_interpret_params() if interpret else None,
+      **_cost.kernel_kwargs(plgpu.kernel, cost),
   )
 
 
@@ -258,6 +260,7 @@ def spmm(a: jax.Array, w: BlockSparseMatrix, *, transpose: bool = False, interpr
       ],
       n_tiles,
       interpret,
+      _cost.matmul_spmm(a_p.shape[0], w, transpose, jnp.dtype(dtype).itemsize),
   )
   return kernel(order, ptr, inner, slot, a_p, w.blocks)[:m]
 
@@ -322,5 +325,6 @@ def sddmm(a: jax.Array, b: jax.Array, w: BlockSparseMatrix, *, interpret: bool =
       ],
       n_tiles,
       interpret,
+      _cost.matmul_sddmm(a_p.shape[0], w, jnp.dtype(dtype).itemsize),
   )
   return kernel(w.nnzb.reshape(1), w.row_idx, w.col_idx, a_p, b_p)

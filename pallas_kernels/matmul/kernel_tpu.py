@@ -24,6 +24,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from pallas_kernels import _cost
 from pallas_kernels.matmul import _common
 from pallas_kernels.matmul.format import BlockSparseMatrix, _name
 
@@ -147,6 +148,7 @@ def spmm(
       out_shape=jax.ShapeDtypeStruct((a_p.shape[0], groups * bo), a.dtype),
       grid_spec=grid_spec,
       compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")),
+      cost_estimate=_cost.matmul_spmm(a_p.shape[0], w, transpose, jnp.dtype(a.dtype).itemsize),
       interpret=_interpret(interpret),
       name="bsr_spmm_t" if transpose else "bsr_spmm",
   )(group, inner, slot, valid, a_p, w.blocks)
@@ -210,6 +212,7 @@ def sddmm(
       out_shape=jax.ShapeDtypeStruct(w.blocks.shape, w.dtype),
       grid_spec=grid_spec,
       compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")),
+      cost_estimate=_cost.matmul_sddmm(a_p.shape[0], w, jnp.dtype(a.dtype).itemsize),
       interpret=_interpret(interpret),
       name="bsr_sddmm",
   )(w.row_idx, w.col_idx, w.nnzb.reshape(1), a_p, b_p)

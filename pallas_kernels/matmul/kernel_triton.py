@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from pallas_kernels import _cost
 from pallas_kernels.matmul import _common
 from pallas_kernels.matmul.format import BlockSparseMatrix, _name
 
@@ -119,6 +120,7 @@ def spmm(
       # 8 warps once the accumulator or the activation tile holds 128 x 128 float32 values.
       compiler_params=None if interpret else _compiler_params(
           num_warps or (8 if max(bm * bo, bm * tk) >= 128 * 128 else 4), num_stages),
+      cost_estimate=_cost.matmul_spmm(a_p.shape[0], w, transpose, jnp.dtype(a.dtype).itemsize),
       interpret=interpret,
       name="bsr_spmm_t" if transpose else "bsr_spmm",
   )(ptr, inner, slot, a_p, w.blocks)
@@ -180,6 +182,7 @@ def sddmm(
       out_specs=pl.BlockSpec((None, br, tc), lambda p, c: (p, 0, c)),
       compiler_params=None if interpret else _compiler_params(
           num_warps or (8 if br * tc >= 128 * 128 else 4), num_stages),
+      cost_estimate=_cost.matmul_sddmm(a_p.shape[0], w, jnp.dtype(a.dtype).itemsize),
       interpret=interpret,
       name="bsr_sddmm",
   )(w.nnzb.reshape(1), w.row_idx, w.col_idx, a_p, b_p)
