@@ -148,6 +148,9 @@ def topology(name: str | Target):
   if key not in _TOPOLOGIES:
     from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
     if t.platform == "tpu":
+      # Compile-only: no TPU to share, so several processes (test workers, a sweep) may load
+      # libtpu at once instead of failing on its lockfile.
+      os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
       _TOPOLOGIES[key] = topologies.get_topology_desc(topology_name=t.topology, platform="tpu")
     else:
       config = (_TARGET_DIR / t.config_file).read_text()
