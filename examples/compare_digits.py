@@ -267,13 +267,14 @@ def plot(results: list[Result], path: str) -> None:
   fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(14, 5.5))
   fams = list(dict.fromkeys(r.family for r in results))
   dense = [r for r in results if r.family == "dense"]
+  color = {"dense": "k", **{f: f"C{i}" for i, f in enumerate(x for x in fams if x != "dense")}}
   for f in fams:  # left: final accuracy vs sparsity (x = -log10(density))
     rs = sorted((r for r in results if r.family == f), key=lambda r: r.target)
     xs = [-math.log10(1 - r.target) for r in rs]
     if f == "dense":
       ax1.axhline(rs[0].accuracy, color="k", linestyle="--", linewidth=1, label="dense")
     else:
-      ax1.plot(xs, [r.accuracy for r in rs], marker="s" if rs[0].nm else "o",
+      ax1.plot(xs, [r.accuracy for r in rs], marker="s" if rs[0].nm else "o", color=color[f],
                linestyle="--" if rs[0].nm else "-", label=f + (" (2:4, 1:8)" if rs[0].nm else ""))
   ticks = sorted({r.target for r in results if r.family != "dense"})
   ax1.set_xticks([-math.log10(1 - t) for t in ticks])
@@ -287,7 +288,8 @@ def plot(results: list[Result], path: str) -> None:
   top = max((r.target for r in unstructured), default=None)
   shown = dense + [r for r in unstructured if r.target == top]
   for r in shown:  # right: curves at the highest unstructured sparsity
-    ax2.plot(r.steps, r.curve, label=f"{r.method} ({r.accuracy:.3f})")
+    ax2.plot(r.steps, r.curve, label=f"{r.method} ({r.accuracy:.3f})", color=color[r.family],
+             linestyle="--" if r.family == "dense" else "-")
   lo = min(min(r.curve) for r in shown)
   ax2.set_ylim(max(0.0, min(0.8, lo)), 1.0)
   ax2.set_xlabel("step")
