@@ -50,9 +50,9 @@ def test_issue_minimal_case_sparsity_zero_keeps_every_weight():
   tx = so.rigl(optax.sgd(0.0), sparsity=0.0, distribution="uniform", update_every=1,
                begin_step=0, end_step=10)
   w = jnp.arange(1.0, 17.0).reshape(4, 4)
-  p, s = {"w": w}, tx.init({"w": w})
+  p, s, update = {"w": w}, tx.init({"w": w}), jax.jit(tx.update)
   for t in range(10):
-    u, s = tx.update(_grads(p, t), s, p)
+    u, s = update(_grads(p, t), s, p)
     p = optax.apply_updates(p, u)
     assert bool(so.get_masks(s)["w"].all())
     np.testing.assert_array_equal(np.asarray(p["w"]), np.asarray(w))
@@ -63,7 +63,7 @@ def test_erk_dense_layer_trains_like_plain_adam_through_mask_updates(method):
   params = _params()
   tx = method(optax.adam(1e-2), sparsity=0.8, update_every=1, begin_step=0, end_step=100,
               drop_fraction=0.5)
-  runs = _run(tx, params, 8)
+  runs = _run(tx, params, 5)
   masks = so.get_masks(runs[0][1])
   assert bool(masks["out"]["kernel"].all()), "precondition: ERK leaves 'out' dense"
   assert not bool(masks["fc"]["kernel"].all())
@@ -126,26 +126,23 @@ def test_dropped_and_regrown_weight_keeps_value_and_moments(method):
   del r0
 
 
-@pytest.mark.parametrize("skip", [False, True])
-def test_skip_gradient_on_update_ordinary_steps_equal_plain(skip):
+def test_skip_gradient_on_update_ordinary_steps_equal_plain():
   # skip_gradient_on_update changes update steps only: ordinary steps are identical to
   # skip=False, and an update step leaves the Adam state as it was (count included).
   params = _params(1)
   make = lambda s: so.rigl(optax.adam(1e-2), sparsity=0.8, update_every=3, begin_step=2,
                            end_step=100, skip_gradient_on_update=s)
-  plain = _run(make(False), params, 4)
-  runs = _run(make(skip), params, 4)
+  plain = _run(make(False), params, 3)
+  runs = _run(make(True), params, 3)
   for t in (0, 1):  # ordinary steps before the first update
     for a, b in zip(jax.tree.leaves(runs[t]), jax.tree.leaves(plain[t])):
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert int(_adam_state(plain[2][1]).count) == int(_adam_state(plain[1][1]).count) + 1
   before, after = _adam_state(runs[1][1]), _adam_state(runs[2][1])
-  if skip:
-    assert int(after.count) == int(before.count)
-    m = so.get_masks(runs[2][1])["fc"]["kernel"]
-    kept = np.asarray(m & so.get_masks(runs[1][1])["fc"]["kernel"])
-    np.testing.assert_array_equal(np.asarray(after.mu["fc"]["kernel"])[kept],
-                                  np.asarray(before.mu["fc"]["kernel"])[kept])
-    np.testing.assert_array_equal(np.asarray(runs[2][0]["out"]["kernel"]),
-                                  np.asarray(runs[1][0]["out"]["kernel"]))
-  else:
-    assert int(after.count) == int(before.count) + 1
+  assert int(after.count) == int(before.count)
+  m = so.get_masks(runs[2][1])["fc"]["kernel"]
+  kept = np.asarray(m & so.get_masks(runs[1][1])["fc"]["kernel"])
+  np.testing.assert_array_equal(np.asarray(after.mu["fc"]["kernel"])[kept],
+                                np.asarray(before.mu["fc"]["kernel"])[kept])
+  np.testing.assert_array_equal(np.asarray(runs[2][0]["out"]["kernel"]),
+                                np.asarray(runs[1][0]["out"]["kernel"]))
