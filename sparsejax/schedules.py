@@ -289,9 +289,9 @@ def sdgf_patterns(target, kind="stepwise", *, num_frames=None):
     f = int(round(math.log2(m // n))) + 1
     return tuple([(m - 1, m)] + [(m >> i, m) for i in range(1, f)])
   if kind in ("geometric", "densify"):
+    if num_frames is not None:
+      check_step("num_frames", num_frames, 1)
     f = 4 if num_frames is None else int(num_frames)
-    if f < 1:
-      raise ValueError(f"num_frames={f} must be >= 1")
     if kind == "geometric":
       return tuple((n << (f - 1 - i), m << (f - 1 - i)) for i in range(f))
     return tuple((n, m << (f - 1 - i)) for i in range(f))
@@ -332,6 +332,8 @@ def sdgf_schedule(target, kind="stepwise", *, total_steps, dense_steps=0,
   if kind == "custom":
     if not isinstance(custom, Mapping) or not custom:
       raise ValueError("kind='custom' needs custom={start_step: 'n:m', ...}")
+    for k in custom:
+      check_step("custom start step", k, 0)
     out = tuple(sorted((int(k), parse_nm(v)) for k, v in custom.items()))
     if out[0][0] > dense_steps:
       raise ValueError(f"custom SDGF schedule starts at step {out[0][0]} after "
