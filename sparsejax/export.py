@@ -91,7 +91,8 @@ def to_block_sparse(params: Any, masks: Any, block_shape: Any, *,
     block_shape: ``(br, bc)`` of the matrices, the ``Block(br, bc)`` the masks were trained
       with (a coarser multiple works too); or ``{regex: (br, bc)}`` per leaf path.
     include: regex(es) (``re.search`` on ``/``-joined paths) of the masked 2-D leaves to
-      convert; default :data:`DEFAULT_INCLUDE` (paths ending in ``kernel``).
+      convert; default :data:`DEFAULT_INCLUDE` (paths ending in ``kernel``). An explicit
+      ``include`` that converts nothing raises.
     capacity: block slots per matrix (static); default the mask's block count.
 
   Returns:
@@ -135,6 +136,10 @@ def to_block_sparse(params: Any, masks: Any, block_shape: Any, *,
                                 capacity=capacity, path=path))
     else:
       out.append(jnp.where(mask, w, jnp.zeros((), jnp.result_type(w))))
+  if include is not None and not any(isinstance(x, BlockSparseMatrix) for x in out):
+    masked = [p for p, m in by_path.items() if m is not None]
+    raise ValueError(f"to_block_sparse: include={include!r} matches no masked 2-D leaf; masked "
+                     f"leaves are {masked}.")
   return jax.tree_util.tree_unflatten(treedef, out)
 
 

@@ -82,6 +82,8 @@ def test_nnx_state_and_plain_trees():
   got = export.to_block_sparse(tree, tm, BS)
   np.testing.assert_array_equal(bsr_matmul(x, got[0]["kernel"]), x @ (w * tm[0]["kernel"]))
   np.testing.assert_array_equal(got[1]["table"], w * tm[1]["table"])
+  with pytest.raises(ValueError, match="matches no masked 2-D leaf"):
+    export.to_block_sparse(tree, tm, BS, include="nothing_here")
   # Per-path block shapes.
   got = export.to_block_sparse(tree, tm, {"kernel": (8, 16)})
   assert got[0]["kernel"].block_shape == (8, 16)
