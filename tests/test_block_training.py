@@ -361,3 +361,10 @@ def test_block_training_on_a_mesh():
       optax.adam(1e-2), sparsity=0.8, update_every=2, begin_step=1, end_step=tso.STEPS,
       pattern=sj.Block(8, 8)))
   tso.check_sharded_training("block_rigl", "fsdp")
+
+
+def test_grid_doctests():
+  import doctest  # pylint: disable=import-outside-toplevel
+  from sparsejax.optim import grid  # pylint: disable=import-outside-toplevel
+  res = doctest.testmod(grid, optionflags=doctest.ELLIPSIS)
+  assert res.attempted > 0 and res.failed == 0

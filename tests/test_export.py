@@ -152,3 +152,9 @@ def test_readme_train_then_export_section_runs():
   namespace = {"__name__": "__readme__"}
   exec(compile(code, "README.md:train-export", "exec"), namespace)  # noqa: S102
   assert isinstance(namespace["fast"].layers[0], BlockSparseDense)
+
+
+def test_export_doctests():
+  import doctest  # pylint: disable=import-outside-toplevel
+  res = doctest.testmod(export, optionflags=doctest.ELLIPSIS)
+  assert res.attempted > 0 and res.failed == 0
