@@ -55,7 +55,8 @@ def methods(total: int):
           o, sparsity=0.9, end_step=total, frequency=every), every, every + 1),
       "one-shot pruning": (lambda o: so.one_shot_pruning(o, sparsity=0.9, step=every),
                            every, every + 1),
-      "static ERK": (lambda o: so.static_sparse(o, sparsity=0.9), None, 1),
+      # Step 1 is not ordinary for hard methods: it counts the masked-out non-zeros once.
+      "static ERK": (lambda o: so.static_sparse(o, sparsity=0.9), None, 2),
       "SET": (lambda o: so.set_training(o, sparsity=0.9, update_every=every, end_step=total),
               every, every + 1),
       "RigL": (lambda o: so.rigl(o, sparsity=0.9, update_every=every, end_step=total),
