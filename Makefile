@@ -3,6 +3,9 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
+# Test processes: one per core (tests are dominated by single-threaded XLA compiles); files stay
+# whole on one worker so module fixtures run once. PYTEST_WORKERS=0 runs in this process.
+PYTEST_WORKERS ?= auto
 
 .PHONY: demo test test-aot compile-sweep venv clean
 
@@ -18,7 +21,7 @@ demo: venv
 	$(PY) examples/compare_digits.py $(DEMO_ARGS)
 
 test: venv
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 # Compiles the kernels and examples for TPU (v5e, v6e, v5p) and H100 targets without the
 # devices: installs the `aot` extra (libtpu and the CUDA plugin for the venv's jax, ~1.2 GB)
