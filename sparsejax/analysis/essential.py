@@ -58,23 +58,23 @@ def magnitude_sweep(params: Any, eval_fn: Callable[[Any], jax.Array], sparsities
     raise ValueError(f"magnitude_sweep: sparsities must be a non-empty 1-D sequence in [0, 1), got {sparsities!r}.")
   if scope not in ("global", "layer"):
     raise ValueError(f"magnitude_sweep: scope must be 'global' or 'layer', got {scope!r}.")
-  if scope == "global":
-    def pruned(s):
-      return prune_global(params, None, s, selection=selection)[0]
-  else:
-    def pruned(s):
-      return prune(params, None, s, selection=selection)[0]
-  pruned(float(sp[0]))  # static checks (structure, dtypes) with a concrete sparsity, outside tracing
+  def pruned(p, s):
+    if scope == "global":
+      return prune_global(p, None, s, selection=selection)[0]
+    return prune(p, None, s, selection=selection)[0]
 
-  def one(s):
-    return jnp.asarray(eval_fn(pruned(s)))
+  pruned(params, float(sp[0]))  # static checks (structure, dtypes) with a concrete sparsity, outside tracing
 
+  def one(p, s):
+    return jnp.asarray(eval_fn(pruned(p, s)))
+
+  # params are passed as arguments, not closed over: XLA would constant-fold the selection otherwise.
   if batch == "map":
-    metric = jax.jit(lambda s: jax.lax.map(one, s))(jnp.asarray(sp))
+    metric = jax.jit(lambda p, s: jax.lax.map(lambda si: one(p, si), s))(params, jnp.asarray(sp))
   elif batch == "vmap":
-    metric = jax.jit(jax.vmap(one))(jnp.asarray(sp))
+    metric = jax.jit(jax.vmap(one, in_axes=(None, 0)))(params, jnp.asarray(sp))
   elif batch == "loop":
-    metric = [eval_fn(pruned(float(s))) for s in sp]
+    metric = [eval_fn(pruned(params, float(s))) for s in sp]
   else:
     raise ValueError(f"magnitude_sweep: batch must be 'map', 'vmap' or 'loop', got {batch!r}.")
   return EssentialCurve(sp.astype(np.float64), np.asarray(metric, np.float64), tuple(f"{s:.3g}" for s in sp))
