@@ -35,6 +35,19 @@ def _group(block: int, capacity: int, groups: int, dtype) -> int:
   return max(1, min(width // block, next_pow2(-(-capacity // groups))))
 
 
+_JAX_VERSION = tuple(int(v) for v in jax.__version__.split(".")[:2])
+
+
+def _dot_dtype(dtype):
+  """Operand dtype of the chunk GEMMs: 16-bit inputs stay 16-bit (YNNPACK, AMX) on jax 0.10;
+  from jax 0.11 on they are widened to float32 per chunk, because jax 0.12's XLA:CPU raises
+  "Unsupported element type for DotThunk: BF16 x BF16 = F32" for these looped dots (0.11 untested)."""
+  dtype = jnp.dtype(dtype)
+  if dtype.itemsize != 2 or _JAX_VERSION < (0, 11):
+    return dtype
+  return jnp.dtype(jnp.float32)
+
+
 def _bits(v: jax.Array) -> jax.Array:
   """16-bit floats as ``uint16`` (XLA:CPU moves them in float32 otherwise); others unchanged."""
   return lax.bitcast_convert_type(v, jnp.uint16) if v.dtype.itemsize == 2 else v
@@ -112,8 +125,10 @@ def _spmm(a, w, transpose):
       # Lanes past this output block read zeros (not the next block's inputs): no NaN leaks.
       x = jnp.where(valid[None, :, None], jnp.take(slabs, idx, axis=1, mode="clip"), zero)
       blk = jnp.where(valid[:, None, None], lax.dynamic_slice(blocks, (s, 0, 0), (g, br, bc)), zero)
+      ct = _dot_dtype(a.dtype)
       part = lax.dot_general(
-          _float(x, a.dtype), _float(blk, a.dtype), (contract, ((), ())), preferred_element_type=jnp.float32
+          _float(x, a.dtype).astype(ct), _float(blk, a.dtype).astype(ct), (contract, ((), ())),
+          preferred_element_type=jnp.float32,
       )
       return acc + part
 
@@ -159,7 +174,8 @@ def _sddmm(a, b, w):
     def chunk(c, out):
       s = start + c * g
       gathered = _float(jnp.take(b_slabs, lax.dynamic_slice(cols, (s,), (g,)), axis=1, mode="clip"), b.dtype)
-      part = lax.dot_general(row, gathered, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+      ct = _dot_dtype(a.dtype)
+      part = lax.dot_general(row.astype(ct), gathered.astype(ct), (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
       # [br, g, bc] -> [g, br, bc]; lanes past the row land on the next rows' slots, which
       # are written after this one (or are padding, zeroed below).
       return lax.dynamic_update_slice(out, part.transpose(1, 0, 2), (s, 0, 0))
