@@ -301,7 +301,7 @@ def prune(params: PyTree, scores: PyTree | None, sparsity, *, pattern=Unstructur
   sp = _per_leaf(sparsity, paths, active, "sparsity", fn)
   ss = _scores_list(fn, paths, leaves, scores, active)
   fixed = getattr(pattern, "fixed_density", None)
-  new_p, new_m = [], []
+  new_p, new_m, deferred = [], [], []
   for p, leaf, s, sc, m, a in zip(paths, leaves, sp, ss, old, active):
     if not a:
       new_p.append(leaf)
@@ -312,10 +312,33 @@ def prune(params: PyTree, scores: PyTree | None, sparsity, *, pattern=Unstructur
                        "density; pass a sparsity.")
     _check_unit(s, "sparsity", fn, p)
     pattern.check(p, tuple(np.shape(leaf)), s)
+    if isinstance(pattern, Unstructured):  # selected below, all leaves in one call
+      deferred.append((len(new_m), sc, s, m))
+      new_m.append(None)
+      new_p.append(leaf)
+      continue
     mask = _prune_leaf(sc, s, m, pattern=pattern, fixed=fixed is not None)
     new_m.append(mask)
     new_p.append(_zero_out(leaf, mask))
+  if deferred:
+    got = _prune_unstructured([d[1] for d in deferred], [d[2] for d in deferred],
+                              [d[3] for d in deferred])
+    for (i, _, _, _), mask in zip(deferred, got):
+      new_m[i] = mask
+      new_p[i] = _zero_out(new_p[i], mask)
   return jax.tree.unflatten(treedef, new_p), jax.tree.unflatten(treedef, new_m)
+
+
+@jax.jit
+def _prune_unstructured(scores, sparsities, masks):
+  """Unstructured masks of several leaves, each its own exact top-k.
+
+  Same-shape leaves (every block of a transformer) share one compiled selection
+  (:func:`sparsejax.core.selection.leafwise_topk_masks`), so compile time does not grow
+  with the number of leaves.
+  """
+  ks = [_sel.num_to_keep(sc.size, 1.0 - _unit_value(s)) for sc, s in zip(scores, sparsities)]
+  return _sel.leafwise_topk_masks(list(scores), ks, masks=list(masks))
 
 
 @functools.partial(jax.jit, static_argnames=("normalize",))
@@ -396,12 +419,15 @@ def _n_true(m):
 
 
 @jax.jit
-def _drop_grow_leaf(leaf, m, f, d, g):
-  n_active = _n_true(m)
-  n_drop = _count_of(f, n_active)
-  kept = _topk_among(d, n_active - n_drop, m)
-  grow = _topk_among(g, n_drop, _sel.LazyScores(jnp.logical_not, kept))
-  return _zero_out(leaf, kept), kept | grow, grow
+def _drop_grow_leaves(leaves, ms, fs, ds, gs):
+  """Drop then grow in every leaf; same-shape leaves share one compiled selection per step."""
+  n_active = [_n_true(m) for m in ms]
+  n_drop = [_count_of(f, n) for f, n in zip(fs, n_active)]
+  kept = _sel.leafwise_topk_masks(list(ds), [a - d for a, d in zip(n_active, n_drop)],
+                                  masks=list(ms))
+  grow = _sel.leafwise_topk_masks(list(gs), n_drop,
+                                  masks=[_sel.LazyScores(jnp.logical_not, k) for k in kept])
+  return [(_zero_out(leaf, k), k | g, g) for leaf, k, g in zip(leaves, kept, grow)]
 
 
 @functools.partial(jax.jit, static_argnames=("is_count",))
@@ -456,18 +482,15 @@ def drop_and_grow(params: PyTree, masks: PyTree, drop_scores: PyTree | None,
   fr = _per_leaf(drop_fraction, paths, active, "drop_fraction", fn)
   ds = _scores_list(fn, paths, leaves, drop_scores, active, "drop_scores")
   gs = _scores_list(fn, paths, leaves, grow_scores, active, "grow_scores")
-  new_p, new_m, grown = [], [], []
-  for p, leaf, m, f, d, g in zip(paths, leaves, old, fr, ds, gs):
-    if m is None:
-      new_p.append(leaf)
-      new_m.append(None)
-      grown.append(None)
-      continue
-    _check_unit(f, "drop_fraction", fn, p, hi_open=False)
-    leaf_p, leaf_m, grow = _drop_grow_leaf(leaf, m, f, _as_scores(d), _as_scores(g))
-    new_m.append(leaf_m)
-    grown.append(grow)
-    new_p.append(leaf_p)
+  new_p, new_m, grown = list(leaves), [None] * len(leaves), [None] * len(leaves)
+  todo = [i for i, m in enumerate(old) if m is not None]
+  for i in todo:
+    _check_unit(fr[i], "drop_fraction", fn, paths[i], hi_open=False)
+  got = _drop_grow_leaves([leaves[i] for i in todo], [old[i] for i in todo],
+                          [fr[i] for i in todo], [_as_scores(ds[i]) for i in todo],
+                          [_as_scores(gs[i]) for i in todo]) if todo else []
+  for i, (leaf_p, leaf_m, grow) in zip(todo, got):
+    new_p[i], new_m[i], grown[i] = leaf_p, leaf_m, grow
   return (jax.tree.unflatten(treedef, new_p), jax.tree.unflatten(treedef, new_m),
           jax.tree.unflatten(treedef, grown))
 

@@ -46,6 +46,7 @@ __all__ = [
   "count_nonzero",
   "global_threshold",
   "global_topk_masks",
+  "leafwise_topk_masks",
   "num_to_keep",
   "ordered_keys",
 ]
@@ -279,7 +280,7 @@ def materialize(scores) -> jax.Array:
 
 
 def _flat_index(shape, axis: int = 0, slabs: int = 1, j=0) -> jax.Array:
-  """Row-major flat index (int32) of every entry of slab ``j`` (see :class:`_Leaf`)."""
+  """Row-major flat index (int32) of every entry of slab ``j`` (see :class:`_Group`)."""
   cshape = list(shape)
   if slabs > 1:
     cshape[axis] //= slabs
@@ -343,8 +344,8 @@ def count_nonzero(x) -> jax.Array:
   (2, 0)
   """
   scores = x if isinstance(x, LazyScores) else LazyScores(_identity, jnp.asarray(x))
-  leaf = _Leaf(scores.map(_is_nonzero), None, np.dtype(np.uint32))
-  return leaf.count(lambda key, idx: key != 0)
+  group = _Group([scores.map(_is_nonzero)], [None], (0,), np.dtype(np.uint32))
+  return group.count(lambda key, idx: key != 0)
 
 
 def _is_nonzero(v):
@@ -377,96 +378,193 @@ def _xor_bits(x, z) -> jax.Array:
   return x + z.astype(x.dtype)
 
 
-class _Leaf:
-  """One candidate leaf: keys recomputed from the score operands in every pass."""
+def _signature(scores: LazyScores | None, kdt):
+  """What a pass over the leaf compiles to: equal signatures share one compiled pass."""
+  if scores is None:
+    return None
+  fn = scores.fn
+  try:
+    hash(fn)
+  except TypeError:
+    fn = ("id", id(fn))
+  ops = tuple((tuple(np.shape(x)), np.dtype(jnp.result_type(x))) for x in scores.operands)
+  return (fn, scores.shape, scores.index, ops, None if kdt is None else np.dtype(kdt))
 
-  def __init__(self, scores: LazyScores, eligible, kdt):
-    self.scores = scores
-    if eligible is not None and not isinstance(eligible, LazyScores):
-      eligible = LazyScores(_identity, eligible)
-    self.eligible = eligible  # None: every entry is eligible
+
+class _Group:
+  """Candidate leaves with one signature (score function, shapes, dtypes), visited by one pass.
+
+  Keys are recomputed from the score operands in every pass. A group of
+  several leaves (the same layer in every transformer block) is visited in a
+  loop: the operands of the current member are picked by ``lax.switch``, a
+  copy of one leaf at a time, so the compiled program has one pass per group,
+  not per leaf. Leaves large enough to be visited in slabs (more than
+  ``_WHOLE`` entries) are never grouped (a copy would cost a whole leaf of
+  scratch). ``positions`` are the members' places in the selection (leaf
+  order, which breaks ties).
+  """
+
+  def __init__(self, scores, eligible, positions, kdt):
+    self.scores = list(scores)
+    self.eligible = [_as_lazy(e) for e in eligible]
+    self.positions = tuple(positions)
     self.kdt = kdt
-    self.shape = scores.shape
-    self.size = scores.size
+    self.shape = self.scores[0].shape
+    self.size = self.scores[0].size
     self.axis, self.slabs = _slabs(self.shape)
 
-  def keys(self, operands=None, index=None) -> jax.Array:
-    return ordered_keys(self.scores.evaluate(operands, index)).astype(self.kdt)
+  @property
+  def n(self) -> int:
+    return len(self.scores)
+
+  def view(self, member):
+    """Member ``member`` (traced int) alone, as the only leaf of a selection.
+
+    Its operands are picked once (a copy of one leaf: grouped leaves are small)
+    and every pass of that selection reads the copy, so one ``lax.switch``
+    serves the whole per-member selection.
+    """
+    if self.n == 1:
+      return _Group(self.scores, self.eligible, (0,), self.kdt)
+    ops, el_ops = self._pick(member, None)
+    s0, e0 = self.scores[0], self.eligible[0]
+    s = LazyScores(s0.fn, *ops, shape=s0.shape, index=s0.index)
+    e = None if e0 is None else LazyScores(e0.fn, *el_ops, shape=e0.shape, index=e0.index)
+    return _Group([s], [e], (0,), self.kdt)
+
+  def _split(self, x):
+    a, c = self.axis, self.slabs
+    return jnp.reshape(x, self.shape[:a] + (self.shape[a] // c, c) + self.shape[a + 1:])
+
+  def _take(self, x, j):
+    if not np.ndim(x) or j is None:
+      return x
+    return lax.dynamic_index_in_dim(self._split(x), j, self.axis + 1, keepdims=False)
+
+  def _pick(self, m, j):
+    """(score operands, eligibility operands) of member ``m``, slab ``j`` (None: whole leaf)."""
+    flat = [list(s.operands) + ([] if e is None else list(e.operands))
+            for s, e in zip(self.scores, self.eligible)]
+    n_s = len(self.scores[0].operands)
+    if self.n == 1:
+      out = [self._take(x, j) for x in flat[0]]
+    else:
+      arr = [i for i, x in enumerate(flat[0]) if np.ndim(x)]
+      dts = [np.dtype(jnp.result_type(flat[0][i])) for i in arr]
+
+      def branch(q):
+        return lambda jj: tuple(lax.convert_element_type(
+            self._take(flat[q][i], None if j is None else jj), dt)
+                                for i, dt in zip(arr, dts))
+      picked = lax.switch(m, [branch(q) for q in range(self.n)],
+                          jnp.zeros((), jnp.int32) if j is None else j)
+      out = list(flat[0])
+      for i, x in zip(arr, picked):
+        out[i] = x
+      for i, x in enumerate(flat[0]):
+        if not np.ndim(x):
+          out[i] = jnp.stack([jnp.asarray(f[i]) for f in flat])[m]
+    return out[:n_s], out[n_s:]
+
+  def _visit(self, body, acc, ops, el_ops, j, pos):
+    s0, e0 = self.scores[0], self.eligible[0]
+    if j is None:
+      idx = lambda: _flat_index(self.shape)  # noqa: E731
+    else:
+      idx = lambda: _flat_index(self.shape, self.axis, self.slabs, j)  # noqa: E731
+    key = ordered_keys(s0.evaluate(ops, idx() if s0.index else None)).astype(self.kdt)
+    el = None if e0 is None else _evaluate(e0, el_ops, idx)
+    return body(acc, key, el, idx, pos)
 
   def fold(self, body, init, after=None):
-    """``body(acc, keys, eligible, index)`` over the leaf, one slab at a time.
+    """``body(acc, keys, eligible, index, position)`` over the members, one slab at a time.
 
     ``index`` is a thunk giving the flat index of the slab's entries;
     ``eligible`` is None when every entry is eligible. Nothing of the pass
     starts before ``init`` and ``after`` exist, so XLA cannot run the passes
     of several leaves at once and hold all their temporaries together: a
-    slab loop carries ``init``; a whole leaf's operands get a runtime zero
+    loop carries ``init``; a single whole leaf's operands get a runtime zero
     computed from ``init`` and ``after`` added (XLA:CPU drops optimisation
     barriers, but keeps data dependencies).
     """
-    el = self.eligible
-    ops, el_ops = self.scores.operands, () if el is None else el.operands
-    if self.slabs == 1:
+    c = self.slabs
+    if self.n * c == 1:
       z = _opaque_zero((init, after))
+      ops, el_ops = self._pick(0, None)
       ops = [_xor_bits(x, z) for x in ops]
       el_ops = [_xor_bits(x, z) for x in el_ops]
-      idx = lambda: _flat_index(self.shape)  # noqa: E731
-      return body(init, self.keys(ops, idx() if self.scores.index else None),
-                  None if el is None else _evaluate(el, el_ops, idx), idx)
-    a, c = self.axis, self.slabs
+      return self._visit(body, init, ops, el_ops, None, self.positions[0])
+    pos_arr = np.asarray(self.positions, np.int32)
 
-    def split(x):
-      if not np.ndim(x):
-        return x
-      return jnp.reshape(x, self.shape[:a] + (self.shape[a] // c, c) + self.shape[a + 1:])
+    def step(r, acc):
+      q, j = (r // c, r % c) if c > 1 else (r, None)
+      pos = jnp.asarray(pos_arr)[q] if self.n > 1 else self.positions[0]
+      ops, el_ops = self._pick(q, j)
+      return self._visit(body, acc, ops, el_ops, j, pos)
 
-    ops_r = [split(x) for x in ops]
-    el_r = [split(x) for x in el_ops]
-
-    def step(j, acc):
-      def take(x):
-        return lax.dynamic_index_in_dim(x, j, a + 1, keepdims=False) if np.ndim(x) else x
-      idx = lambda: _flat_index(self.shape, a, c, j)  # noqa: E731
-      key = self.keys([take(x) for x in ops_r], idx() if self.scores.index else None)
-      elig = None if el is None else _evaluate(el, [take(x) for x in el_r], idx)
-      return body(acc, key, elig, idx)
-
-    return lax.fori_loop(0, c, step, init)
+    return lax.fori_loop(0, self.n * c, step, init)
 
   def count(self, pred, init=None, after=None) -> jax.Array:
-    """``init + sum(pred(keys, index) & eligible)``, after ``after`` exists."""
-    def body(acc, key, el, idx):
+    """``init + sum(pred(keys, index) & eligible)`` over the members, after ``after`` exists."""
+    def body(acc, key, el, idx, pos):
+      del pos
       c = pred(key, idx)
       if el is not None:
         c = c & el
       return acc + jnp.sum(c, dtype=_count_dtype())
     return self.fold(body, jnp.zeros((), _count_dtype()) if init is None else init, after)
 
+  def counts_into(self, pred, vec, after=None) -> jax.Array:
+    """``vec`` with ``vec[position] = count(pred)`` of every member, one member after the other."""
+    if self.n == 1:
+      return vec.at[self.positions[0]].set(self.count(pred, after=(vec, after)))
+    pos_arr = jnp.asarray(np.asarray(self.positions, np.int32))
 
-def _total(leaves, pred, after) -> jax.Array:
+    def one(m, v):
+      return v.at[pos_arr[m]].set(self.view(m).count(pred, after=v))
+    return lax.fori_loop(0, self.n, one, vec)
+
+
+def _groups(scores, eligible, kdt_of) -> list[_Group]:
+  """Leaves grouped by signature, groups in order of their first leaf."""
+  by_sig: dict = {}
+  for i, (s, e) in enumerate(zip(scores, eligible)):
+    if e is not None and not isinstance(e, LazyScores):
+      e = LazyScores(_identity, e)
+    kdt = kdt_of(s)
+    # Leaves visited in slabs stay alone: their passes already loop, and a
+    # member copy would cost a whole large leaf of scratch memory.
+    alone = i if _slabs(s.shape)[1] > 1 else None
+    sig = (_signature(s, kdt), _signature(e, None), alone)
+    by_sig.setdefault(sig, []).append((i, s, e, kdt))
+  return [_Group([s for _, s, _, _ in g], [e for _, _, e, _ in g], [i for i, _, _, _ in g], g[0][3])
+          for g in by_sig.values()]
+
+
+def _total(groups, pred, after) -> jax.Array:
   out = jnp.zeros((), _count_dtype())
-  for leaf in leaves:
-    out = leaf.count(pred, out, after)
+  for g in groups:
+    out = g.count(pred, out, after)
   return out
 
 
-def _bisect_select(leaves, k):
+def _bisect_select(groups, k):
   """Largest key t with count(key >= t) >= k: one count pass per bit.
 
   Returns:
     ``(t, count(key > t), count(key == t))``.
   """
-  kdt = leaves[0].kdt
+  kdt = groups[0].kdt
   nbits = 8 * kdt.itemsize
 
   def step(i, t):
     cand = t | (jnp.asarray(1, kdt) << (nbits - 1 - i).astype(kdt))
-    total = _total(leaves, lambda key, idx: key >= cand, t)
+    total = _total(groups, lambda key, idx: key >= cand, t)
     return jnp.where(total >= k, cand, t)
 
   t = lax.fori_loop(0, nbits, step, jnp.zeros((), kdt))
-  gt = _total(leaves, lambda key, idx: key > t, t)
-  eq = _total(leaves, lambda key, idx: key == t, gt)
+  gt = _total(groups, lambda key, idx: key > t, t)
+  eq = _total(groups, lambda key, idx: key == t, gt)
   return t, gt, eq
 
 
@@ -510,52 +608,53 @@ def _select_digit(h, k_rem, bits):
   return jb * (1 << b2) + jr, above
 
 
-def _radix_select(leaves, k, bits):
+def _radix_select(groups, n, total, k, bits):
   """Same result as :func:`_bisect_select` with a few histogram passes.
 
   Pass i histograms digit i (MSB first) of the keys whose higher digits equal
   the threshold's digits found so far: a scatter-add into a small replicated
   histogram (``2**bits`` bins; local per shard, then an all-reduce). A last
-  digit of at most 12 bits is histogrammed per leaf (``n_leaves * 2**bits``
-  bins), which gives the per-leaf count of keys equal to the threshold.
+  digit of at most 12 bits is histogrammed per leaf (``n * 2**bits`` bins),
+  which gives the per-leaf count of keys equal to the threshold.
 
   Returns:
     ``(t, count(key > t), count(key == t), per-leaf count(key == t) or None)``.
   """
-  kdt = leaves[0].kdt
+  kdt = groups[0].kdt
   nbits = 8 * kdt.itemsize
   cdt = _count_dtype()
-  n = len(leaves)
   t = jnp.zeros((), kdt)
   k_rem = k
   gt = jnp.zeros((), cdt)
   shift = nbits
-  sched = _radix_schedule(nbits, bits, sum(leaf.size for leaf in leaves))
+  sched = _radix_schedule(nbits, bits, total)
   per_leaf = None
   for i, b in enumerate(sched):
     shift -= b
     nb = 1 << b
     split = i == len(sched) - 1 and b <= 12  # per-leaf histograms
     h = jnp.zeros((n * nb if split else nb,), cdt)
-    for li, leaf in enumerate(leaves):
-      def body(h, key, el, idx, i=i, shift=shift, b=b, nb=nb, t=t, off=li * nb if split else 0):
-        del idx
-        d = ((key >> jnp.asarray(shift, kdt)) & jnp.asarray(nb - 1, kdt)).astype(jnp.int32)
-        valid = None
-        if i > 0:
-          hi = jnp.asarray(shift + b, kdt)
-          valid = (key >> hi) == (t >> hi)
-        if el is not None:
-          valid = el if valid is None else valid & el
-        if off:
-          d = d + off
-        if valid is not None:
-          d = jnp.where(valid, d, h.shape[0])  # out of range: dropped
-        # The update is data-dependent on h: a constant broadcast would be hoisted
-        # out of every loop and held, one per leaf, for the whole program.
-        one = jnp.ones((), cdt) + _opaque_zero(h).astype(cdt)
-        return h.at[d].add(one, mode="drop")
-      h = leaf.fold(body, h, t)
+
+    def body(h, key, el, idx, pos, i=i, shift=shift, b=b, nb=nb, t=t, split=split):
+      del idx
+      d = ((key >> jnp.asarray(shift, kdt)) & jnp.asarray(nb - 1, kdt)).astype(jnp.int32)
+      valid = None
+      if i > 0:
+        hi = jnp.asarray(shift + b, kdt)
+        valid = (key >> hi) == (t >> hi)
+      if el is not None:
+        valid = el if valid is None else valid & el
+      if split and not (isinstance(pos, int) and pos == 0):
+        d = d + pos * nb
+      if valid is not None:
+        d = jnp.where(valid, d, h.shape[0])  # out of range: dropped
+      # The update is data-dependent on h: a constant broadcast would be hoisted
+      # out of every loop and held, one per leaf, for the whole program.
+      one = jnp.ones((), cdt) + _opaque_zero(h).astype(cdt)
+      return h.at[d].add(one, mode="drop")
+
+    for g in groups:
+      h = g.fold(body, h, t)
     if split:
       per_leaf = h.reshape(n, nb)
       h = per_leaf.sum(axis=0)
@@ -566,22 +665,29 @@ def _radix_select(leaves, k, bits):
   return t, gt, h[j], None if per_leaf is None else per_leaf[:, j]
 
 
-def _tie_cutoffs(leaves, t, r_l, which):
+def _tie_cutoffs(groups, sizes, t, r_l, which):
   """Tie cut-off of leaf ``which``: smallest c with count(key == t & idx < c) >= r_l[which].
 
   Bisection on the flat index, each step one count pass over that leaf only
-  (``lax.switch`` picks the leaf inside the loop body).
+  (``lax.switch`` picks the leaf's group inside the loop body, the group its
+  member).
   """
-  sizes = [leaf.size for leaf in leaves]
   nb = max(1, max(sizes).bit_length())
   size_w = jnp.asarray(sizes, jnp.int32)[which]
   r = r_l[which]
+  group_of = np.zeros(len(sizes), np.int32)
+  member_of = np.zeros(len(sizes), np.int32)
+  for gi, g in enumerate(groups):
+    for mi, p in enumerate(g.positions):
+      group_of[p], member_of[p] = gi, mi
+  gw = jnp.asarray(group_of)[which]
+  mw = jnp.asarray(member_of)[which]
 
   def step(i, p):
     cand = p + (jnp.int32(1) << (nb - 1 - i))
-    branches = [lambda c, leaf=leaf: leaf.count(lambda key, idx: (key == t) & (idx() < c), after=c)
-                for leaf in leaves]
-    f = lax.switch(which, branches, cand)
+    branches = [lambda c, g=g: g.view(mw).count(lambda key, idx: (key == t) & (idx() < c), after=c)
+                for g in groups]
+    f = lax.switch(gw, branches, cand)
     return jnp.where((cand <= size_w) & (f < r), cand, p)
 
   return lax.fori_loop(0, nb, step, jnp.zeros((), jnp.int32)) + 1
@@ -590,19 +696,19 @@ def _tie_cutoffs(leaves, t, r_l, which):
 _METHODS = ("auto", "radix", "bisect")
 
 
-def _threshold(leaves, k, method="auto", radix_bits=None):
-  n = len(leaves)
+def _threshold(groups, sizes_py, k, method="auto", radix_bits=None):
+  """``(t, per-leaf cutoffs, count)`` of the exact top-k over the leaves of ``groups``."""
+  n = len(sizes_py)
   cdt = _count_dtype()
   k = jnp.maximum(jnp.asarray(k, cdt), 0)
-  sizes_py = [leaf.size for leaf in leaves]
   if method not in _METHODS:
     raise ValueError(f"global selection: method must be one of {_METHODS}, got {method!r}.")
   if method == "auto":
     method = "radix" if sum(sizes_py) > (1 << 16) else "bisect"
   if method == "radix":
-    t, gt, total_eq, eq_leaf = _radix_select(leaves, k, radix_bits)
+    t, gt, total_eq, eq_leaf = _radix_select(groups, n, sum(sizes_py), k, radix_bits)
   else:
-    (t, gt, total_eq), eq_leaf = _bisect_select(leaves, k), None
+    (t, gt, total_eq), eq_leaf = _bisect_select(groups, k), None
   r = jnp.clip(k - gt, 0, total_eq)  # ties to keep
   sizes = jnp.asarray(sizes_py, jnp.int32)
 
@@ -616,20 +722,33 @@ def _threshold(leaves, k, method="auto", radix_bits=None):
     if eq_leaf is not None:
       eq = eq_leaf
     else:
-      eq = [r]
-      for leaf in leaves:  # one leaf's pass after the other
-        eq.append(leaf.count(lambda key, idx: key == t, after=eq[-1]))
-      eq = jnp.stack(eq[1:])
+      eq = jnp.zeros((n,), cdt)
+      for g in groups:  # one leaf's pass after the other
+        eq = g.counts_into(lambda key, idx: key == t, eq, after=r)
     before = jnp.cumsum(eq) - eq  # over leaves: a short vector of scalars
     r_l = jnp.clip(r - before, 0, eq)
     cut = jnp.where(r_l >= eq, sizes, 0).astype(jnp.int32)
     partial = (r_l > 0) & (r_l < eq)
     which = jnp.argmax(partial).astype(jnp.int32)  # exactly one leaf is partial here
-    return cut.at[which].set(_tie_cutoffs(leaves, t, r_l, which))
+    return cut.at[which].set(_tie_cutoffs(groups, sizes_py, t, r_l, which))
 
   case = jnp.where(r >= total_eq, 1, jnp.where(r == 0, 0, 2))
   cutoffs = lax.switch(case, [none_kept, all_kept, some_kept])
   return t, cutoffs, gt + r
+
+
+def _as_lazy(e):
+  return e if e is None or isinstance(e, LazyScores) else LazyScores(_identity, e)
+
+
+def _final_mask(scores: LazyScores, eligible, kdt, t, cut) -> jax.Array:
+  """``key > t | (key == t & index < cut)``, eligible only: elementwise, fused into one pass."""
+  idx = _flat_index(scores.shape)
+  key = ordered_keys(scores.evaluate(None, idx if scores.index else None)).astype(kdt)
+  m = (key > t) | ((key == t) & (idx < cut))
+  if eligible is not None:
+    m = m & _evaluate(_as_lazy(eligible), None, lambda: idx)
+  return m
 
 
 def _k_from(k_or_density, k, density, total):
@@ -764,6 +883,64 @@ def global_topk_masks(scores: Any, k_or_density=None, *, k=None, density=None, m
   return jax.tree.unflatten(jax.tree.structure(scores, is_leaf=is_lazy), out)
 
 
+def leafwise_topk_masks(scores: Any, k: Any, *, masks: Any = None, score_fn=None,
+                        method: str = "auto", radix_bits: int | None = None) -> Any:
+  """Boolean masks keeping the exact top-``k`` scores of every leaf on its own.
+
+  The per-leaf counterpart of :func:`global_topk_masks` (same selection, same
+  tie rule: the lower flat index wins). Leaves with the same shape, dtypes and
+  score function (every block of a transformer) share one compiled selection,
+  run in a loop, so compile time grows with the number of distinct leaf
+  signatures, not with the number of leaves.
+
+  Args:
+    scores: pytree of real arrays or :class:`LazyScores`.
+    k: number kept per leaf: an int (every leaf) or a tree like ``scores`` of
+      ints (may be traced); clipped to ``[0, number of eligible entries]``.
+    masks: optional eligibility tree (bool arrays, None = all eligible).
+    score_fn: optional elementwise function applied to each leaf to get the
+      scores (fused into every pass).
+    method: ``"auto"``, ``"radix"`` or ``"bisect"`` (see :func:`global_threshold`).
+    radix_bits: digit width of the radix passes (see :func:`global_threshold`).
+
+  Returns:
+    Tree of bool arrays shaped like ``scores``.
+
+  Raises:
+    ValueError: a concrete ``k`` outside ``[0, leaf size]`` (the message names
+      the leaf), or a ``k`` tree that does not match ``scores``. A traced ``k``
+      cannot be checked and is clipped.
+
+  >>> import jax.numpy as jnp
+  >>> s = {'a': jnp.array([3., 1., 3.]), 'b': jnp.array([0., 2., 5.])}
+  >>> m = leafwise_topk_masks(s, {'a': 1, 'b': 2})
+  >>> m['a'].tolist(), m['b'].tolist()
+  ([True, False, False], [False, True, True])
+  """
+  paths, leaves, eligible = _flatten(scores, masks, score_fn)
+  if isinstance(k, (int, np.integer)) or (hasattr(k, "dtype") and np.ndim(k) == 0):
+    ks = [k] * len(leaves)
+  else:
+    flat = jax.tree_util.tree_flatten_with_path(k)[0]
+    k_paths = [_paths.path_str(p) for p, _ in flat]
+    if k_paths != paths:
+      raise ValueError(f"leafwise selection: k has leaves {k_paths} but scores have {paths}; pass an "
+                       "int or a tree like scores.")
+    ks = [x for _, x in flat]
+  out_k = []
+  for p, leaf, kk in zip(paths, leaves, ks):
+    dt = jnp.result_type(kk)
+    if not jnp.issubdtype(dt, jnp.integer) or isinstance(kk, bool):
+      raise TypeError(f"leafwise selection: k at '{p}' must be an integer, got {dt}.")
+    if not isinstance(kk, jax.core.Tracer) and not 0 <= int(kk) <= leaf.size:
+      raise ValueError(f"leafwise selection: k={int(kk)} at '{p}' is outside [0, {leaf.size}] "
+                       "(the leaf's size).")
+    out_k.append(jnp.clip(jnp.asarray(kk, _count_dtype()), 0, leaf.size))
+  _check_method(method, radix_bits)
+  out = _run_leafwise(leaves, eligible, out_k, method, radix_bits)
+  return jax.tree.unflatten(jax.tree.structure(scores, is_leaf=is_lazy), out)
+
+
 def _check_method(method, radix_bits):
   if method not in _METHODS:
     raise ValueError(f"global selection: method must be one of {_METHODS}, got {method!r}.")
@@ -780,17 +957,39 @@ def _run(scores, eligible, k, method, radix_bits, want_masks):
   """Jitted core (inlined under an outer jit; compiled once per shape when eager)."""
   dts = {np.dtype(s.dtype) for s in scores}
   kdt = np.dtype(np.uint64) if any(d.itemsize == 8 for d in dts) else np.dtype(np.uint32)
-  leaves = [_Leaf(s, e, kdt) for s, e in zip(scores, eligible)]
-  t, cutoffs, count = _threshold(leaves, k, method, radix_bits)
+  groups = _groups(scores, eligible, lambda s: kdt)
+  t, cutoffs, count = _threshold(groups, [s.size for s in scores], k, method, radix_bits)
   if not want_masks:
     return t, cutoffs, count
-  out = []
-  for leaf, cut in zip(leaves, cutoffs):
-    # Elementwise over the whole leaf: fused into one pass, no temporaries.
-    idx = _flat_index(leaf.shape)
-    key = leaf.keys(None, idx if leaf.scores.index else None)
-    m = (key > t) | ((key == t) & (idx < cut))
-    if leaf.eligible is not None:
-      m = m & _evaluate(leaf.eligible, None, lambda: idx)
-    out.append(m)
-  return out
+  return [_final_mask(s, e, kdt, t, cutoffs[i]) for i, (s, e) in enumerate(zip(scores, eligible))]
+
+
+def _leaf_kdt(scores) -> np.dtype:
+  return _key_dtype(np.dtype(np.float64) if np.dtype(scores.dtype).itemsize == 8 else np.float32)
+
+
+@functools.partial(jax.jit, static_argnames=("method", "radix_bits"))
+def _run_leafwise(scores, eligible, ks, method, radix_bits):
+  """Per-leaf top-k: one compiled selection per group of same-signature leaves, run in a loop."""
+  n = len(scores)
+  cdt = _count_dtype()
+  t_of, cut_of = [None] * n, [None] * n
+  token = ()
+  for g in _groups(scores, eligible, _leaf_kdt):
+    kg = jnp.stack([jnp.asarray(ks[p], cdt) for p in g.positions])
+    if g.n == 1:
+      t, cut, _ = _threshold([g.view(0)], [g.size], kg[0], method, radix_bits)
+      tv, cv = jnp.reshape(t, (1,)), cut
+    else:
+      def one(m, carry, g=g, kg=kg):
+        tv, cv = carry
+        t, cut, _ = _threshold([g.view(m)], [g.size], kg[m], method, radix_bits)
+        return tv.at[m].set(t), cv.at[m].set(cut[0])
+      z = _opaque_zero(token)  # groups one after the other
+      init = (jnp.zeros((g.n,), g.kdt) + z.astype(g.kdt), jnp.zeros((g.n,), jnp.int32) + z.astype(jnp.int32))
+      tv, cv = lax.fori_loop(0, g.n, one, init)
+    token = (tv, cv)
+    for mi, p in enumerate(g.positions):
+      t_of[p], cut_of[p] = tv[mi], cv[mi]
+  return [_final_mask(s, e, _leaf_kdt(s), t_of[i], cut_of[i])
+          for i, (s, e) in enumerate(zip(scores, eligible))]
