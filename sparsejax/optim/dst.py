@@ -192,9 +192,6 @@ def dynamic_sparse(
       grow_scores = jax.tree.unflatten(
           tdef, [hash_scores(k, jnp.shape(x), i) for i, x in enumerate(leaves)])
     _, new, grown = core_pruning.drop_and_grow(params, old, None, grow_scores, alpha)
-    if not reinit_when_same:  # dropped and grown back: kept, not new
-      grown = jax.tree.map(lambda g, o: None if o is None else g & ~o, grown, old,
-                           is_leaf=lambda x: x is None)
     return new, grown
 
   def update_masks(step, old, params, grads, k):
@@ -204,6 +201,9 @@ def dynamic_sparse(
                                 grid.absolute(old, params), grid.absolute(old, grads))
     else:
       new, grown = drop_grow(old, params, grads, k, alpha)
+    if not reinit_when_same:  # dropped and grown back: kept, not new
+      grown = jax.tree.map(lambda g, o: None if o is None else g & ~o, grown, old,
+                           is_leaf=lambda x: x is None)
     return new, grown
 
   policy = MaskPolicy(

@@ -126,7 +126,6 @@ def _magnitude_policy(sparsity_at, is_update_step, distribution, include, exclud
     return prune_to(params, scores, sparsity_at(step), distribution, old, pattern), None
 
   # Magnitude masks never read gradients: a non-finite gradient cannot block them.
-  # Magnitude masks never read gradients: a non-finite gradient cannot block them.
   return MaskPolicy(init_masks=init_masks, is_update_step=is_update_step,
                     update_masks=update_masks, target=sparsity_at, uses_grads=False)
 
