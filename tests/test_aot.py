@@ -81,12 +81,15 @@ _GPU_CASES = [
     _mm("spmm_t", "float16", "mosaic_gpu", (256, 64)),
     _att("fwd", 128, "causal", "mosaic_gpu"),
     _att("dq", 128, "documents", "mosaic_gpu"),
-    _att("dkv", 128, "documents", "mosaic_gpu"),  # spilled 1812 B/thread before the fix
+    # Still spills 1732-1924 B/thread at head_dim 128: the fix (q-blocks in 64-column halves)
+    # was reverted because jax 0.12's Mosaic GPU layout inference never finished lowering it.
+    pytest.param(_att("dkv", 128, "documents", "mosaic_gpu"), marks=pytest.mark.xfail(
+        strict=True, reason="known defect: Mosaic GPU dK/dV spills at head_dim 128 (open)")),
 ]
 
 
 @pytest.mark.aot
-@pytest.mark.parametrize("case", _GPU_CASES, ids=[c.name for c in _GPU_CASES])
+@pytest.mark.parametrize("case", _GPU_CASES, ids=lambda c: c.name)
 def test_h100_kernels_compile_without_spills(case):
   report = _compile(case, "cuda:h100")
   kernels = _pallas_kernels(report)
