@@ -406,7 +406,7 @@ def test_bad_inputs_raise_at_construction_or_init():
   with pytest.raises(ValueError, match="distribution"):
     so.static_sparse(sgd, sparsity=0.5, distribution="erdos")
   with pytest.raises(ValueError, match="grow"):
-    so.dynamic_sparse(sgd, sparsity=0.5, end_step=10, grow="magic")
+    so.dynamic_sparse(sgd, sparsity=0.5, end_step=1000, grow="magic")
   with pytest.raises(ValueError, match="fraction"):
     so.gradient_masking(sgd, fraction=0.0)
   with pytest.raises(TypeError, match="inner"):
@@ -430,7 +430,7 @@ def test_bad_inputs_raise_at_construction_or_init():
     so.static_sparse(sgd, masks=wrong).init(p)
   with pytest.raises(ValueError, match="fc2"):
     so.rigl(sgd, masks={"fc1": {"kernel": jnp.ones((16, 24), bool), "bias": None}},
-            end_step=10).init(p)
+            end_step=1000).init(p)
   with pytest.raises(TypeError, match="fc2/kernel"):
     so.static_sparse(sgd, masks={"fc1": {"kernel": jnp.ones((16, 24), bool), "bias": None},
                                  "fc2": {"kernel": jnp.ones((24, 8)), "bias": None}}).init(p)
