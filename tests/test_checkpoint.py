@@ -501,7 +501,7 @@ def test_flax_nnx_model_and_optimizer_state(tmp_path):
 
   def build(seed):
     model = MLP(nnx.Rngs(seed))
-    tx = so.rigl(optax.adam(1e-3), sparsity=0.5, end_step=10, key=seed)
+    tx = so.rigl(optax.adam(1e-3), sparsity=0.5, end_step=1000, key=seed)
     return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
 
   model, opt = build(0)

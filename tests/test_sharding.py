@@ -101,7 +101,7 @@ def test_opt_state_shardings_of_sparse_states():
   mesh = shd.make_mesh((-1, 2), ("data", "model"))
   params = _tree()
   sh = shd.param_shardings(params, mesh, "tensor")
-  tx = so.rigl(optax.adam(1e-3), sparsity=0.8, end_step=100)
+  tx = so.rigl(optax.adam(1e-3), sparsity=0.8, end_step=1000)
   out = shd.opt_state_shardings(tx, params, sh)
   st = so.get_sparse_state(out)
   assert st.sparse_masks["fc"]["bias"] is None
