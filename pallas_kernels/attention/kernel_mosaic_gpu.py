@@ -16,7 +16,13 @@ Structure (one CTA per (query head, 128-row q-block, batch), three warpgroups):
 Backward: a dQ kernel with the same structure (streams K/V), and a dK/dV kernel
 with one CTA per (kv head, 128-row kv-block, batch) whose memory warpgroup
 streams Q/dO/LSE/delta blocks over the transposed schedules of all query heads
-of the GQA group (so dK/dV need no extra reduction).
+of the GQA group (so dK/dV need no extra reduction). Each visited q-block is processed
+in two 64-column halves, so that S^T, P^T and dP^T fit in registers beside the dK and dV
+accumulators at head_dim 128 (ptxas: at most 176 B/thread of spills instead of 1.3-1.9 KB).
+
+Lowering semantics are Lane on every jax version (``_compiler_params``): the default changed
+from Lane to Warpgroup in jax 0.11, and Warpgroup's layout inference does not finish on the
+dK/dV kernel in jax 0.12.
 
 Constraints: float16/bfloat16, ``q_block == kv_block == 128``, ``head_dim`` 64
 or 128 (shared memory of the two-slot pipelines).
@@ -73,6 +79,13 @@ def _load(ref, layout):
   if _new_api():
     return plgpu.load(ref, layout=layout)
   return plgpu.load(ref, (), layout=layout)
+
+
+def _compiler_params():
+  """Lane semantics on every jax version (the default changed to Warpgroup in 0.11)."""
+  plgpu = _plgpu()
+  return plgpu.CompilerParams(approx_math=True,
+                              lowering_semantics=plgpu.LoweringSemantics.Lane)
 
 
 def check_shapes(dims: Dims, block_mask: BlockMask):
@@ -398,7 +411,7 @@ def _run_kv_stream(mode, q, k, v, extra, block_mask: BlockMask, dims: Dims, *, s
         kernel, out_type=out_type, scratch_types=[scratch],
         grid=(dims.num_heads, dims.nq, dims.batch), grid_names=("heads", "q_seq", "batch"),
         num_threads=_COMPUTE_WGS + 1, thread_name="wg",
-        compiler_params=plgpu.CompilerParams(approx_math=True),
+        compiler_params=_compiler_params(),
         **_cost.kernel_kwargs(plgpu.kernel, _cost.attention(
             dims, block_mask, mode, jnp.dtype(q.dtype).itemsize)),
     )(*args)
@@ -449,10 +462,11 @@ def _dkv_kernel(dims: Dims, *, scale: float, fn, n_qd: int, n_kd: int, mc: int, 
                 interpret: bool):
   plgpu = _plgpu()
   bkw, bq, d, g = _WG_ROWS, dims.q_block, dims.head_dim, dims.group
+  hw = _WG_ROWS  # q columns per sub-step
   c = scale * _LOG2E
   wgmma_layout = plgpu.Layout.WGMMA
   row_layout, col_layout = wgmma_layout.reduce(1), wgmma_layout.reduce(0)
-  shape = (bkw, bq)
+  shape = (bkw, hw)
 
   def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, ent_ref, nfull_ref, ntotal_ref,
              *rest):
@@ -488,9 +502,10 @@ def _dkv_kernel(dims: Dims, *, scale: float, fn, n_qd: int, n_kd: int, mc: int, 
         plgpu.copy_gmem_to_smem(src, dst, bar.at[wg])
       for bar in kv_bars:
         plgpu.barrier_wait(bar.at[wg])
-      kv_ids = kv_base + plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=wgmma_layout)
-      kd = tuple(_broadcast_row(_load(kd_smem2.at[wg, r], row_layout), shape, plgpu)
-                 for r in range(n_kd))
+      # Row vectors (2 registers per thread), broadcast only where a partial block needs them:
+      # full-tile ids live across the loops would cost 64 registers each.
+      kv_row = kv_base + plgpu.broadcasted_iota(jnp.int32, (bkw,), 0, layout=row_layout)
+      kd_rows = tuple(_load(kd_smem2.at[wg, r], row_layout) for r in range(n_kd))
 
       def step(t, carry, partial):
         dk, dv = carry
@@ -498,31 +513,40 @@ def _dkv_kernel(dims: Dims, *, scale: float, fn, n_qd: int, n_kd: int, mc: int, 
         qi, _ = decode(t)
         for bar in slot_bars:
           plgpu.barrier_wait(bar.at[slot])
+        # The q-block in 64-column halves: with the dK and dV accumulators (64 registers each
+        # at head_dim 128), a (64, 128) S^T, P^T and dP^T do not fit in 232 registers; halves do.
+        for half in range(bq // hw):
+          cols = pl.ds(half * hw, hw)
+          q_h, do_h = q_smem.at[slot, cols], do_smem.at[slot, cols]
 
-        def compute_st(acc_ref):
-          plgpu.wgmma(acc_ref, k_smem, _transpose(q_smem.at[slot]))
-          return acc_ref[...]
+          def compute_st(acc_ref, q_h=q_h):
+            plgpu.wgmma(acc_ref, k_smem, _transpose(q_h))
+            return acc_ref[...]
 
-        st = pl.run_scoped(compute_st, plgpu.ACC(shape, jnp.float32))
-        lse2 = _load(row_smem.at[slot, 0], col_layout)
-        lse2 = jnp.where(lse2 == -jnp.inf, 0.0, lse2)
-        delta = _load(row_smem.at[slot, 1], col_layout)
-        pt = jnp.exp2(st * c - lax.broadcast_in_dim(lse2, shape, [1]))
-        q_ids = qi * bq + plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=wgmma_layout)
-        qd = tuple(_broadcast_col(_load(qd_smem.at[slot, r], col_layout), shape, plgpu)
-                   for r in range(n_qd))
-        ok = allowed_in_block(fn, partial, q_ids, kv_ids, qd, kd, dims.kv_len, dims.ragged_kv)
-        if ok is not None:
-          pt = jnp.where(ok, pt, 0.0)
-        dv = _mma_into(dv, pt.astype(dtype), do_smem.at[slot], interpret, a_smem)
+          st = pl.run_scoped(compute_st, plgpu.ACC(shape, jnp.float32))
+          lse2 = _load(row_smem.at[slot, 0, cols], col_layout)
+          lse2 = jnp.where(lse2 == -jnp.inf, 0.0, lse2)
+          pt = jnp.exp2(st * c - lax.broadcast_in_dim(lse2, shape, [1]))
+          q_col = qi * bq + half * hw + plgpu.broadcasted_iota(jnp.int32, (hw,), 0,
+                                                               layout=col_layout)
+          qd = tuple(_broadcast_col(_load(qd_smem.at[slot, r, cols], col_layout), shape, plgpu)
+                     for r in range(n_qd))
+          kd = tuple(_broadcast_row(x, shape, plgpu) for x in kd_rows)
+          ok = allowed_in_block(fn, partial, _broadcast_col(q_col, shape, plgpu),
+                                _broadcast_row(kv_row, shape, plgpu), qd, kd, dims.kv_len,
+                                dims.ragged_kv)
+          if ok is not None:
+            pt = jnp.where(ok, pt, 0.0)
+          dv = _mma_into(dv, pt.astype(dtype), do_h, interpret, a_smem)
 
-        def compute_dpt(acc_ref):
-          plgpu.wgmma(acc_ref, v_smem, _transpose(do_smem.at[slot]))
-          return acc_ref[...]
+          def compute_dpt(acc_ref, do_h=do_h):
+            plgpu.wgmma(acc_ref, v_smem, _transpose(do_h))
+            return acc_ref[...]
 
-        dpt = pl.run_scoped(compute_dpt, plgpu.ACC(shape, jnp.float32))
-        dst = pt * (dpt - lax.broadcast_in_dim(delta, shape, [1]))
-        dk = _mma_into(dk, dst.astype(dtype), q_smem.at[slot], interpret, a_smem)
+          dpt = pl.run_scoped(compute_dpt, plgpu.ACC(shape, jnp.float32))
+          delta = _load(row_smem.at[slot, 1, cols], col_layout)
+          dst = pt * (dpt - lax.broadcast_in_dim(delta, shape, [1]))
+          dk = _mma_into(dk, dst.astype(dtype), q_h, interpret, a_smem)
         plgpu.barrier_arrive(consumed.at[slot])
         return dk, dv
 
@@ -577,7 +601,7 @@ def _dkv_scratch(dims: Dims, n_qd: int, n_kd: int, mc: int, dtype, interpret: bo
   do_smem = plgpu.SMEM((mc, bq, d), dtype, transforms=tiles)
   row_smem = plgpu.SMEM((mc, 2, bq), jnp.float32)
   qd_smem = plgpu.SMEM((mc, n_qd, bq), jnp.int32) if n_qd else None
-  a_smem = plgpu.SMEM((_COMPUTE_WGS, bkw, bq), dtype, transforms=tiles) if interpret else None
+  a_smem = plgpu.SMEM((_COMPUTE_WGS, bkw, _WG_ROWS), dtype, transforms=tiles) if interpret else None
   kv_bars = tuple(plgpu.Barrier(num_barriers=_COMPUTE_WGS) for _ in range(3 if n_kd else 2))
   slot_bars = tuple(plgpu.Barrier(num_barriers=mc) for _ in range(5 if n_qd else 4))
   consumed = plgpu.Barrier(num_arrivals=_COMPUTE_WGS, num_barriers=mc)
@@ -614,7 +638,7 @@ def flash_bwd(q, k, v, d_out, lse, delta, block_mask: BlockMask, dims: Dims, *, 
                           jax.ShapeDtypeStruct(vp.shape, v.dtype)],
         scratch_types=[scratch], grid=(dims.num_kv_heads, dims.nk, dims.batch),
         grid_names=("heads", "kv_seq", "batch"), num_threads=_COMPUTE_WGS + 1, thread_name="wg",
-        compiler_params=plgpu.CompilerParams(approx_math=True),
+        compiler_params=_compiler_params(),
         **_cost.kernel_kwargs(plgpu.kernel, _cost.attention(
             dims, block_mask, "dkv", jnp.dtype(q.dtype).itemsize)),
     )(*args)
