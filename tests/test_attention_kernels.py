@@ -102,6 +102,24 @@ def test_mosaic_gpu_kernels_in_gpu_interpreter():
   _check(got, q, k, v, do, mask, 3e-3)
 
 
+def test_mosaic_gpu_refuses_token_masks_on_the_miscompiling_cuda(monkeypatch):
+  from pallas_kernels.attention import kernel_mosaic_gpu as mg  # pylint: disable=g-import-not-at-top
+  # cudaRuntimeGetVersion: 1000 * major + 10 * minor + patch; bad: 12.8.0 <= v < 12.9.1.
+  decide = mg._masking_miscompiled  # pylint: disable=protected-access
+  assert [decide(v) for v in (12079, 12080, 12090, 12091, 13000, None)] == [
+      False, True, True, False, False, False]
+  q = jnp.zeros((1, 256, 1, 64), jnp.float16)
+  monkeypatch.setattr(mg, "_cuda_runtime_version", lambda: 12090)
+  with pytest.raises(ValueError, match=r"block_mask: .*CUDA 12\.9\.0.*backend='triton'"):
+    block_sparse_attention(q, q, q, causal_mask(256, q_block=128), backend="mosaic_gpu")
+  dims = lambda kv_len: mg.Dims(1, 256, kv_len, 1, 1, 64, 128, 128, 1, 1)
+  # Whole blocks without a token mask are not affected; a ragged kv edge is masked in-block.
+  mg.check_cuda_version(full_mask(256, q_block=128), dims(256), interpret=False)
+  with pytest.raises(ValueError, match="ptxas"):
+    mg.check_cuda_version(full_mask(256, 200, q_block=128), dims(200), interpret=False)
+  mg.check_cuda_version(causal_mask(256, q_block=128), dims(256), interpret=True)
+
+
 @pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated:DeprecationWarning")
 @pytest.mark.parametrize("backend,platform,block", [
     ("triton", "cuda", 64), ("mosaic_gpu", "cuda", 128), ("tpu", "tpu", 128)])

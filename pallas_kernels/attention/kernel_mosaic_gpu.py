@@ -43,7 +43,7 @@ from pallas_kernels import _cost
 from pallas_kernels.attention._common import Dims, allowed_in_block, pad_axis
 from pallas_kernels.attention.block_mask import BlockMask
 
-__all__ = ["flash_fwd", "flash_bwd", "check_shapes", "MosaicGPUConfig"]
+__all__ = ["flash_fwd", "flash_bwd", "check_shapes", "check_cuda_version", "MosaicGPUConfig"]
 
 _LOG2E = math.log2(math.e)
 _LN2 = math.log(2.0)
@@ -104,6 +104,63 @@ def _check_dtype(q):
   if q.dtype not in (jnp.float16, jnp.bfloat16):
     raise TypeError(f"q: the mosaic_gpu backend needs float16 or bfloat16 inputs, got {q.dtype}; "
                     "cast the inputs or use backend='triton'")
+
+
+# jax's attention_mgpu refuses causal masks on these CUDA versions: ptxas miscompiles the
+# masked softmax. These kernels mask partial blocks (and a ragged kv edge) the same way.
+_MISCOMPILING_CUDA = (12080, 12091)  # [12.8.0, 12.9.1), as cudaRuntimeGetVersion encodes them
+
+
+def _masking_miscompiled(cuda_version: int | None) -> bool:
+  """Whether a CUDA version (``1000 * major + 10 * minor + patch``) has the ptxas bug.
+
+  >>> _masking_miscompiled(12080), _masking_miscompiled(12091), _masking_miscompiled(None)
+  (True, False, False)
+  """
+  return cuda_version is not None and _MISCOMPILING_CUDA[0] <= cuda_version < _MISCOMPILING_CUDA[1]
+
+
+def _cuda_runtime_version() -> int | None:
+  """The CUDA runtime version, as jax's attention_mgpu reads it; ``None`` without CUDA."""
+  try:
+    from jax._src.lib import cuda_versions  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return None
+  if cuda_versions is None:
+    return None
+  try:
+    return int(cuda_versions.cuda_runtime_get_version())
+  except Exception:  # pylint: disable=broad-except  (no CUDA libraries: compile-only machines)
+    return None
+
+
+def check_cuda_version(block_mask: BlockMask, dims: Dims, *, interpret: bool,
+                       cuda_version: int | None = None):
+  """Raises ValueError where the CUDA 12.8.0-12.9.0 ptxas would miscompile the token mask.
+
+  Masks with a token mask function (causal, window, documents, ...) or a ragged kv edge are
+  refused on those versions; block-level masks on whole blocks are not affected. ``cuda_version``
+  defaults to the runtime's (``None`` on a machine without CUDA: nothing to check). Runs at
+  trace time, so it also guards ahead-of-time compiles on a machine with such a CUDA.
+
+  >>> from pallas_kernels.attention import causal_mask
+  >>> from pallas_kernels.attention._common import Dims
+  >>> dims = Dims(1, 256, 256, 1, 1, 64, 128, 128, 1, 1)
+  >>> check_cuda_version(causal_mask(256, q_block=128), dims, interpret=False,
+  ...                    cuda_version=12090)
+  Traceback (most recent call last):
+  ...
+  ValueError: block_mask: ...
+  """
+  if interpret or (block_mask.mask_mod is None and not dims.ragged_kv):
+    return
+  version = _cuda_runtime_version() if cuda_version is None else cuda_version
+  if _masking_miscompiled(version):
+    raise ValueError(
+        f"block_mask: the mosaic_gpu backend masks tokens inside partial blocks, which the ptxas "
+        f"of CUDA 12.8.0-12.9.0 miscompiles (this is CUDA {version // 1000}.{version % 1000 // 10}."
+        f"{version % 10}; jax's attention_mgpu refuses causal masks there too); upgrade CUDA to "
+        ">= 12.9.1 or use backend='triton'")
 
 
 def _stack_data(block_mask: BlockMask, dims: Dims):
@@ -389,6 +446,7 @@ def _run_kv_stream(mode, q, k, v, extra, block_mask: BlockMask, dims: Dims, *, s
                    interpret: bool, config: MosaicGPUConfig):
   plgpu = _plgpu()
   _check_dtype(q)
+  check_cuda_version(block_mask, dims, interpret=interpret)
   qp = pad_axis(q, dims.q_pad, 1)
   kp, vp = pad_axis(k, dims.kv_pad, 1), pad_axis(v, dims.kv_pad, 1)
   idx, _, counts = block_mask.kv_schedule()
