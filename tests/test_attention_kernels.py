@@ -120,6 +120,20 @@ def test_mosaic_gpu_refuses_token_masks_on_the_miscompiling_cuda(monkeypatch):
   mg.check_cuda_version(causal_mask(256, q_block=128), dims(256), interpret=True)
 
 
+@pytest.mark.skipif(not _JAX_012, reason="the Mosaic GPU interpreter needs jax >= 0.12")
+def test_mosaic_gpu_kernels_stream_full_and_partial_blocks_in_gpu_interpreter():
+  # Every q-block visits 2 full and 2 partial kv-blocks (document data; the last one ragged), so
+  # the 2-slot K/V ring wraps with indices read a step ahead and mask data copied for partial
+  # blocks only; dK/dV streams 2 q-blocks x 2 query heads (GQA) per kv-block the same way.
+  rng = np.random.default_rng(7)
+  q, k, v, do = _inputs(rng, 1, 256, 500, 2, 1, 64, jnp.float16)
+  seg_k = jnp.asarray([[0] * 300 + [1] * 100 + [0] * 100])
+  mask = document_mask(jnp.zeros((1, 256), jnp.int32), seg_k, q_block=128)
+  assert np.asarray(mask.block_states())[0, 0].tolist() == [[2, 2, 1, 1]] * 2
+  got = _run(q, k, v, do, mask, "mosaic_gpu", True)
+  _check(got, q, k, v, do, mask, 3e-3)
+
+
 @pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated:DeprecationWarning")
 @pytest.mark.parametrize("backend,platform,block", [
     ("triton", "cuda", 64), ("mosaic_gpu", "cuda", 128), ("tpu", "tpu", 128)])

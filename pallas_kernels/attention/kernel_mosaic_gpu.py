@@ -311,11 +311,13 @@ def _kv_stream_kernel(dims: Dims, *, scale: float, fn, n_qd: int, n_kd: int, mc:
 
         qk = pl.run_scoped(compute_qk, plgpu.ACC((bq, bk), jnp.float32))
         kv_ids = j * bk + plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=wgmma_layout)
-        if n_kd:
+        kd = ()
+        if n_kd and partial:  # the memory warpgroup copies mask data for partial blocks only
           plgpu.barrier_wait(kd_bar.at[slot])
-        kd = tuple(_broadcast_col(_load(kd_smem.at[slot, r], col_layout), shape, plgpu)
-                   for r in range(n_kd))
-        plgpu.barrier_arrive(k_consumed.at[slot])
+          kd = tuple(_broadcast_col(_load(kd_smem.at[slot, r], col_layout), shape, plgpu)
+                     for r in range(n_kd))
+        if fwd:  # dQ reads K once more (ds @ K): its slot is released at the end of the step
+          plgpu.barrier_arrive(k_consumed.at[slot])
         qd = tuple(_broadcast_row(x, shape, plgpu) for x in qd_rows)
         ok = allowed_in_block(fn, partial, _broadcast_row(q_row, shape, plgpu), kv_ids, qd, kd,
                               dims.kv_len, ragged)
@@ -358,6 +360,8 @@ def _kv_stream_kernel(dims: Dims, *, scale: float, fn, n_qd: int, n_kd: int, mc:
         def _wait_next():
           plgpu.barrier_wait(k_bar.at[lax.rem(nxt, jnp.array(mc, nxt.dtype))])
 
+        if not fwd:
+          plgpu.barrier_arrive(k_consumed.at[slot])
         plgpu.barrier_arrive(v_consumed.at[slot])
         return out_carry
 
@@ -392,29 +396,41 @@ def _kv_stream_kernel(dims: Dims, *, scale: float, fn, n_qd: int, n_kd: int, mc:
     def _memory():
       plgpu.set_max_registers(40, action="decrease")
 
-      def issue(t, slot):
-        j = sched_ref[mb, mh, qi, t]
+      def copy_k(t, j, slot):
         cols = pl.ds(j * bk, bk)
         plgpu.copy_gmem_to_smem(k_ref.at[b, cols, hk], k_smem.at[slot], k_bar.at[slot])
         if n_kd:
-          plgpu.copy_gmem_to_smem(kd_ref.at[mb, :, cols], kd_smem.at[slot], kd_bar.at[slot])
-        plgpu.copy_gmem_to_smem(v_ref.at[b, cols, hk], v_smem.at[slot], v_bar.at[slot])
+          @pl.when(t >= n_full)  # full blocks need no mask data
+          def _():
+            plgpu.copy_gmem_to_smem(kd_ref.at[mb, :, cols], kd_smem.at[slot], kd_bar.at[slot])
+
+      def copy_v(j, slot):
+        plgpu.copy_gmem_to_smem(v_ref.at[b, pl.ds(j * bk, bk), hk], v_smem.at[slot],
+                                v_bar.at[slot])
+
+      def index(t):  # clamped: the read one step ahead may pass the schedule's end
+        return sched_ref[mb, mh, qi, jnp.minimum(t, dims.nk - 1)]
 
       for i in range(mc):
-        pl.when(i < n_total)(functools.partial(issue, i, i))
+        @pl.when(i < n_total)
+        def _(i=i):
+          j = index(i)
+          copy_k(i, j, i)
+          copy_v(j, i)
 
-      @pl.loop(0, jnp.maximum(n_total - mc, 0))
-      def _stream(t):
+      # Step t refills slot t % mc with block t + mc. Its index was read one step earlier, so
+      # no global load waits behind the consumed barriers in front of the TMA.
+      def stream(t, j):
         nxt = t + mc
         slot = lax.rem(t, jnp.array(mc, t.dtype))
+        j_next = index(nxt + 1)
         plgpu.barrier_wait(k_consumed.at[slot])
-        j = sched_ref[mb, mh, qi, nxt]
-        cols = pl.ds(j * bk, bk)
-        plgpu.copy_gmem_to_smem(k_ref.at[b, cols, hk], k_smem.at[slot], k_bar.at[slot])
-        if n_kd:
-          plgpu.copy_gmem_to_smem(kd_ref.at[mb, :, cols], kd_smem.at[slot], kd_bar.at[slot])
+        copy_k(nxt, j, slot)
         plgpu.barrier_wait(v_consumed.at[slot])
-        plgpu.copy_gmem_to_smem(v_ref.at[b, cols, hk], v_smem.at[slot], v_bar.at[slot])
+        copy_v(j, slot)
+        return j_next
+
+      lax.fori_loop(0, jnp.maximum(n_total - mc, 0), stream, index(mc))
 
   return kernel
 
@@ -569,8 +585,10 @@ def _dkv_kernel(dims: Dims, *, scale: float, fn, n_qd: int, n_kd: int, mc: int, 
         dk, dv = carry
         slot = lax.rem(t, jnp.array(mc, t.dtype))
         qi, _ = decode(t)
-        for bar in slot_bars:
+        for bar in slot_bars[:4]:
           plgpu.barrier_wait(bar.at[slot])
+        if n_qd and partial:  # the memory warpgroup copies mask data for partial blocks only
+          plgpu.barrier_wait(slot_bars[4].at[slot])
         # The q-block in 64-column halves: with the dK and dV accumulators (64 registers each
         # at head_dim 128), a (64, 128) S^T, P^T and dP^T do not fit in 232 registers; halves do.
         for half in range(bq // hw):
@@ -588,8 +606,8 @@ def _dkv_kernel(dims: Dims, *, scale: float, fn, n_qd: int, n_kd: int, mc: int, 
           q_col = qi * bq + half * hw + plgpu.broadcasted_iota(jnp.int32, (hw,), 0,
                                                                layout=col_layout)
           qd = tuple(_broadcast_col(_load(qd_smem.at[slot, r, cols], col_layout), shape, plgpu)
-                     for r in range(n_qd))
-          kd = tuple(_broadcast_row(x, shape, plgpu) for x in kd_rows)
+                     for r in range(n_qd if partial else 0))
+          kd = tuple(_broadcast_row(x, shape, plgpu) for x in kd_rows) if partial else ()
           ok = allowed_in_block(fn, partial, _broadcast_col(q_col, shape, plgpu),
                                 _broadcast_row(kv_row, shape, plgpu), qd, kd, dims.kv_len,
                                 dims.ragged_kv)
@@ -623,27 +641,37 @@ def _dkv_kernel(dims: Dims, *, scale: float, fn, n_qd: int, n_kd: int, mc: int, 
     def _memory():
       plgpu.set_max_registers(40, action="decrease")
 
-      def issue(t, slot):
-        qi, gi = decode(t)
+      def entry(t):  # clamped: the read one step ahead may pass the schedule's end
+        return ent_ref[mb, hk, j, jnp.minimum(t, g * dims.nq - 1)]
+
+      def issue(t, e, slot):
+        qi, gi = lax.div(e, jnp.array(g, e.dtype)), lax.rem(e, jnp.array(g, e.dtype))
         h = hk * g + gi
         rows = pl.ds(qi * bq, bq)
         copies = [(q_ref.at[b, rows, h], q_smem.at[slot]),
                   (lse_ref.at[b, h, rows], row_smem.at[slot, 0]),
                   (delta_ref.at[b, h, rows], row_smem.at[slot, 1]),
                   (do_ref.at[b, rows, h], do_smem.at[slot])]
-        if n_qd:
-          copies.append((qd_ref.at[mb, :, rows], qd_smem.at[slot]))
         for (src, dst), bar in zip(copies, slot_bars):
           plgpu.copy_gmem_to_smem(src, dst, bar.at[slot])
+        if n_qd:
+          @pl.when(t >= n_full)  # full blocks need no mask data
+          def _():
+            plgpu.copy_gmem_to_smem(qd_ref.at[mb, :, rows], qd_smem.at[slot],
+                                    slot_bars[4].at[slot])
 
       for i in range(mc):
-        pl.when(i < n_total)(functools.partial(issue, i, i))
+        pl.when(i < n_total)(lambda i=i: issue(i, entry(i), i))
 
-      @pl.loop(0, jnp.maximum(n_total - mc, 0))
-      def _stream(t):
+      # As in the forward: the next entry is read one step ahead of its consumed barrier.
+      def stream(t, e):
         slot = lax.rem(t, jnp.array(mc, t.dtype))
+        e_next = entry(t + mc + 1)
         plgpu.barrier_wait(consumed.at[slot])
-        issue(t + mc, slot)
+        issue(t + mc, e, slot)
+        return e_next
+
+      lax.fori_loop(0, jnp.maximum(n_total - mc, 0), stream, entry(mc))
 
   return kernel
 
