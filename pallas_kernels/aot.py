@@ -7,7 +7,7 @@ Nothing runs on a device: a compile says a program is accepted and how much memo
 not that it is correct or fast.
 
 Targets (:data:`TARGETS`): ``"tpu:v5e"``, ``"tpu:v6e"``, ``"tpu:v5p"`` (one chip of a 2x2 slice),
-``"cuda:h100"``, ``"cuda:h200"`` (one GPU), and slices for sharded programs: ``"tpu:v5e-8"``,
+``"cuda:h100"``, ``"cuda:h200"``, ``"cuda:a100"`` (one GPU), and slices for sharded programs: ``"tpu:v5e-8"``,
 ``"tpu:v6e-8"``, ``"tpu:v5p-8"``, ``"cuda:h100x8"``, ``"cuda:h200x8"``.
 
 Needs the optional ``aot`` extra (``pip install -e ".[aot]"``: ``jax[tpu,cuda12-local]`` at the
@@ -89,6 +89,7 @@ TARGETS: dict[str, Target] = {t.name: t for t in (
     _tpu("tpu:v5p-8", "v5p:2x2x1", 4, "TPU v5p-8 slice (4 chips, 8 TensorCores)"),
     _gpu("cuda:h100", 1, "h100_sxm.txtpb", "one NVIDIA H100 SXM 80 GB"),
     _gpu("cuda:h200", 1, "h200_sxm.txtpb", "one NVIDIA H200 SXM 141 GB"),
+    _gpu("cuda:a100", 1, "a100_sxm.txtpb", "one NVIDIA A100 SXM4 40 GB (sm_80)"),
     _gpu("cuda:h100x8", 8, "h100_sxm.txtpb", "8 NVIDIA H100 SXM on one host"),
     _gpu("cuda:h200x8", 8, "h200_sxm.txtpb", "8 NVIDIA H200 SXM on one host"),
 )}
@@ -191,7 +192,8 @@ class KernelStats:
     stack_frame: stack frame bytes per thread.
     smem: static shared memory bytes per CTA (ptxas; the dynamic shared memory that Mosaic GPU
       and Triton kernels use is set at launch and not in ptxas's report).
-    source: ``"mosaic_gpu"``, ``"triton"`` (a Pallas Triton kernel) or ``"xla"`` (XLA's own
+    source: ``"mosaic_gpu"``, ``"triton"`` (a Pallas Triton kernel), ``"jax_triton"`` (a
+      Triton-language kernel called through ``jax_triton.triton_call``) or ``"xla"`` (XLA's own
       fusions).
     warnings: ptxas warnings about this kernel (e.g. serialised wgmma).
   """
@@ -381,7 +383,8 @@ def target_context(name: str | Target):
   dev = devices(t)[0]
   from jax._src import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
   kind = dev.device_kind
-  cores = getattr(dev, "num_cores", None) or (132 if t.platform == "cuda" else 1)
+  cores = (getattr(dev, "num_cores", None) or getattr(dev, "core_count", None)
+           or (132 if t.platform == "cuda" else 1))
   abstract = mesh_lib.AbstractDevice(device_kind=kind, num_cores=cores,
                                      platform="gpu" if t.platform == "cuda" else "tpu")
   amesh = mesh_lib.AbstractMesh((1,), ("_aot",), abstract_device=abstract)
@@ -453,6 +456,9 @@ def compile_for(fn: Callable, *args, target: str | Target, static_argnums=(),  #
       kernels = [dataclasses.replace(k, source="triton")
                  if k.source == "xla" and re.search(rf'"{re.escape(k.name)}"', ir) else k
                  for k in _gpu_kernel_stats(mosaic_dir, xla_dir, ir)]
+      if "custom_call @triton_kernel_call" in ir:  # jax_triton kernels carry their own PTX
+        from pallas_kernels import _jax_triton  # pylint: disable=g-import-not-at-top
+        kernels += _jax_triton.kernel_stats(ir)
     flops, nbytes = _cost(compiled)
     return CompileReport(t.name, True, None, seconds, memory_stats(compiled), tuple(kernels), flops,
                          nbytes)
