@@ -115,7 +115,7 @@ def test_dtypes_preserved(dtype):
 def test_is_a_pytree_with_static_shape():
   w = bsr_from_dense(np.ones((4, 4), np.float32), np.ones((4, 4), bool), (2, 2))
   leaves, treedef = jax.tree.flatten(w)
-  assert len(leaves) == 6
+  assert len(leaves) == 8  # blocks, 5 index arrays, row_order, col_order
   w2 = jax.tree.unflatten(treedef, leaves)
   assert w2.shape == (4, 4)
   w3 = jax.jit(lambda w: jax.tree.map(lambda a: a, w))(w)

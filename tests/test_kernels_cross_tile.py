@@ -23,12 +23,12 @@ NEW_JAX = tuple(int(x) for x in jax.__version__.split(".")[:2]) >= (0, 11)
 
 @pytest.mark.skipif(not NEW_JAX, reason="the jax 0.10 Mosaic GPU interpreter cannot transpose refs (dx, dW)")
 def test_mosaic_gpu_persistent_matmul_more_tiles_than_ctas():
-  case = dict(m_shape=(200,), k=256, n=320, block=(64, 64), density=0.5, empty_cols=1, seed=3)
+  case = dict(m_shape=(300,), k=256, n=320, block=(64, 64), density=0.5, empty_cols=1, seed=3)
   # y: 2 row tiles x 5 block columns = 10 work tiles; dx: 2 x 4 = 8; dW: one per stored block.
   w = bsr_from_dense(np.zeros((256, 320), np.float32), np.ones((256, 320), bool), (64, 64))
   num_sms = kernel_mosaic_gpu._num_sms(interpret=True)  # pylint: disable=protected-access
-  bm, _, stages = kernel_mosaic_gpu._spmm_tiles(64, 64, 2)  # pylint: disable=protected-access
-  assert -(-200 // bm) * w.grid[1] > 2 * num_sms and stages > 1
+  tiles = kernel_mosaic_gpu._spmm_tiles(64, 64, 2, 300)  # pylint: disable=protected-access
+  assert -(-300 // tiles.rows) * w.grid[1] > 2 * num_sms and tiles.stages > 1
   check_bsr_matmul("mosaic_gpu", interpret=True, dtype=jnp.bfloat16, **case)
 
 

@@ -28,7 +28,7 @@ SUPPORTED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(j
 
 @functools.partial(
     jax.tree_util.register_dataclass,
-    data_fields=["blocks", "row_ptr", "row_idx", "col_idx", "col_ptr", "col_slot"],
+    data_fields=["blocks", "row_ptr", "row_idx", "col_idx", "col_ptr", "col_slot", "row_order", "col_order"],
     meta_fields=["shape"],
 )
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +48,11 @@ class BlockSparseMatrix:
       blocks of block column ``j`` (the transposed, column-compressed view).
     col_slot: ``[capacity]`` slot of the ``t``-th block in column-major order (padding: ``t``).
     shape: static ``(K, N)``.
+    row_order: ``[K // br]`` block rows, most stored blocks first (stable): the order in which
+      kernels visit the row view (``dx = dy @ W^T``). ``None`` when the matrix was assembled
+      from its index arrays alone; kernels then sort per call. Any permutation is correct; the
+      order only balances work.
+    col_order: ``[N // bc]`` block columns, most stored blocks first (``y = x @ W``).
   """
 
   blocks: jax.Array
@@ -57,6 +62,8 @@ class BlockSparseMatrix:
   col_ptr: jax.Array
   col_slot: jax.Array
   shape: tuple[int, int]
+  row_order: jax.Array | None = None
+  col_order: jax.Array | None = None
 
   @property
   def block_shape(self) -> tuple[int, int]:
@@ -292,4 +299,7 @@ def _build(w, mask, block_shape, capacity) -> BlockSparseMatrix:
   positions = jnp.arange(capacity, dtype=jnp.int32)
   col_slot = jnp.clip(jnp.where(valid_t, slot_of[i_t, j_t], positions), 0, capacity - 1).astype(jnp.int32)
   col_ptr = jnp.searchsorted(ids_t, jnp.arange(nb + 1, dtype=jnp.int32) * kb, side="left").astype(jnp.int32)
-  return BlockSparseMatrix(blocks, row_ptr, row_idx, col_idx, col_ptr, col_slot, (k, n))
+  # Heaviest-first visiting orders of both views, sorted once here rather than on every call.
+  row_order = jnp.argsort(row_ptr[:-1] - row_ptr[1:], stable=True).astype(jnp.int32)
+  col_order = jnp.argsort(col_ptr[:-1] - col_ptr[1:], stable=True).astype(jnp.int32)
+  return BlockSparseMatrix(blocks, row_ptr, row_idx, col_idx, col_ptr, col_slot, (k, n), row_order, col_order)
