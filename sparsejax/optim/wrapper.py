@@ -42,7 +42,7 @@ from jax import lax
 from sparsejax import schedules
 from sparsejax.core import masks as core_masks
 from sparsejax.core import paths as core_paths
-from sparsejax.optim import moments
+from sparsejax.optim import moments, skip_update
 from sparsejax.optim.state import SparseState, _unwrap
 
 __all__ = ["MaskPolicy", "sparse_wrapper", "make_key", "selected_masks"]
@@ -380,15 +380,14 @@ def sparse_wrapper(inner: optax.GradientTransformation | None, policy: MaskPolic
       inner_in = moments.reset_moments(
           inner, inner_in, jax.tree.map(lambda t: None if t is None else ~t, train,
                                         is_leaf=_is_none))
-    inner_updates, inner_state = inner.update(inner_grads, inner_in, params, **extra_args)
     if skip_gradient_on_update and is_upd is not None:
-      # A select over the whole inner state: on XLA:CPU this costs ordinary
-      # steps (measured in benchmarks/step_overhead.py); a lax.cond around the
-      # inner update was slower still there (its branches copy the state).
-      inner_updates = jax.tree.map(
-          lambda u: jnp.where(is_upd, jnp.zeros((), u.dtype), u), inner_updates)
-      inner_state = jax.tree.map(lambda new, old: jnp.where(is_upd, old, new),
-                                 inner_state, inner_in)
+      # No gradient step on mask updates: zero updates, inner state as it came
+      # in (moments of untrained entries reset). update_or_skip selects the
+      # state where the optimizer defines it, so ordinary steps copy nothing.
+      inner_updates, inner_state = skip_update.update_or_skip(
+          inner, is_upd, inner_grads, inner_in, params, **extra_args)
+    else:
+      inner_updates, inner_state = inner.update(inner_grads, inner_in, params, **extra_args)
 
     # 4. land pruned (and grown) weights on exact zeros
     def project(m, u, w):
