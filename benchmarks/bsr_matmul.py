@@ -27,6 +27,14 @@ skipped at higher densities of that size.
     python benchmarks/bsr_matmul.py --sizes 512 --backend interpret   # CPU smoke run
     python benchmarks/bsr_matmul.py --sizes 2048 4096 --tokens 256 1024 4096 --block 32 \
         --densities 0.1 0.25 --dtype f32 --backend xla_cpu --peers '' --interleave 5   # CPU
+    python benchmarks/bsr_matmul.py --sizes 2048 --tokens 1024 --block 32 --densities 0.1 \
+        --dtype f32 --breakdown   # CPU: where the xla_cpu forward's time goes
+
+``--breakdown`` (CPU) times the parts of the ``"xla_cpu"`` forward instead of the table: the
+chunk GEMM ``[tile, g * br] x [g * br, bc]`` alone, the same GEMM in a ``fori_loop`` whose
+operands are dynamic slices (the copy XLA:CPU makes before every dot in a loop), the chunk's
+input gather in a loop (added into a float32 tile so that the loop keeps it) and the dense dot,
+then compares chunks x (per-chunk cost) with the measured forward.
 """
 
 from __future__ import annotations
@@ -179,6 +187,80 @@ def bench_torch(x, w_masked_t, dy, block_shape, args):
   return out, err
 
 
+def _per_call(fn, *args, n=50):
+  """Seconds per call of a jitted ``fn`` (mean of ``n`` back-to-back calls, best of 3)."""
+  fn(*args).block_until_ready()
+  best = float("inf")
+  for _ in range(3):
+    t = time.perf_counter()
+    for _ in range(n):
+      r = fn(*args)
+    r.block_until_ready()
+    best = min(best, (time.perf_counter() - t) / n)
+  return best
+
+
+def cpu_breakdown(args, size, tokens, dtype, block_shape, density, rng):
+  """Prints the parts of the xla_cpu forward (see the module docstring, ``--breakdown``)."""
+  from jax import lax  # noqa: PLC0415
+
+  from pallas_kernels.matmul import xla_cpu  # noqa: PLC0415
+
+  (br, bc), kb, nb = block_shape, size // block_shape[0], size // block_shape[1]
+  bmask = exact_block_mask(rng, (kb, nb), density)
+  w_dense = jax.random.normal(jax.random.key(1), (size, size), jnp.float32).astype(dtype)
+  w = bsr_from_dense(w_dense, jnp.asarray(expand_block_mask(bmask, block_shape)), block_shape)
+  x = jax.random.normal(jax.random.key(0), (tokens, size), dtype)
+  tile = min(tokens, xla_cpu.TOKEN_TILE)
+  g = xla_cpu._group(br, w.capacity, nb, dtype)
+  per_col = bmask.sum(axis=0)
+  chunks = -(-tokens // tile) * int((-(-per_col // g)).sum())
+  ct = xla_cpu._dot_dtype(dtype)
+  overhead = _per_call(jax.jit(lambda a: a + 1), jnp.ones(8), n=200)
+  dot = jax.jit(lambda a, b: lax.dot(a.astype(ct), b.astype(ct), preferred_element_type=jnp.float32))
+  a, b = jnp.ones((tile, g * br), dtype), jnp.ones((g * br, bc), dtype)
+  t_dot = _per_call(dot, a, b) - overhead
+  n = 64
+  big_a, big_b = jnp.ones((tile, n * g * br), dtype), jnp.ones((n * g * br, bc), dtype)
+
+  @jax.jit
+  def dot_loop(big_a, big_b):  # 16-bit operands sliced as uint16, as xla_cpu does
+    def body(i, acc):
+      ai = xla_cpu._float(lax.dynamic_slice(xla_cpu._bits(big_a), (0, i * g * br), (tile, g * br)), dtype)
+      bi = xla_cpu._float(lax.dynamic_slice(xla_cpu._bits(big_b), (i * g * br, 0), (g * br, bc)), dtype)
+      return acc + lax.dot(ai.astype(ct), bi.astype(ct), preferred_element_type=jnp.float32)
+    return lax.fori_loop(0, n, body, jnp.zeros((tile, bc), jnp.float32))
+
+  slabs = xla_cpu._bits(x[:tile]).reshape(tile, kb, br)
+  idx = jnp.asarray(rng.integers(0, kb, (n, g)), jnp.int32)
+
+  @jax.jit
+  def gather_loop(slabs, idx):  # each gathered tile is added into a float32 tile that the loop keeps
+    def body(i, acc):
+      return acc + jnp.take(slabs, idx[i], axis=1, mode="clip").astype(jnp.float32).reshape(tile, g * br)
+    return lax.fori_loop(0, n, body, jnp.zeros((tile, g * br), jnp.float32))
+
+  t_dot_loop = _per_call(dot_loop, big_a, big_b, n=3) / n
+  t_gather = _per_call(gather_loop, slabs, idx, n=3) / n
+  fwd = jax.jit(lambda x, w: xla_cpu.spmm(x, w))
+  t_fwd = _per_call(fwd, x, w, n=3)
+  dense = jax.jit(lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype))
+  t_dense = _per_call(dense, x, w_dense, n=3)
+  gf = lambda flops, t: flops / t / 1e9
+  chunk_flops = 2 * tile * g * br * bc
+  print(f"breakdown {args.dtype} {size}x{size} blocks {block_shape} d={bmask.mean():.3f} tokens={tokens}: "
+        f"{chunks} chunk GEMMs [{tile}, {g * br}] x [{g * br}, {bc}] (g={g}, {-(-tokens // tile)} token pass(es))")
+  print(f"  dense jnp.dot [{tokens}, {size}] x [{size}, {size}]: {t_dense * 1e3:.2f} ms = {gf(2 * tokens * size**2, t_dense):.0f} GFLOP/s")
+  print(f"  chunk GEMM alone (one jit call, less {overhead * 1e6:.1f} us dispatch): {t_dot * 1e6:.1f} us = {gf(chunk_flops, t_dot):.0f} GFLOP/s")
+  print(f"  chunk GEMM in a fori_loop on dynamic-slice operands: {t_dot_loop * 1e6:.1f} us/iter = {gf(chunk_flops, t_dot_loop):.0f} GFLOP/s")
+  print(f"  chunk input gather in a fori_loop ({tile * g * br * jnp.dtype(dtype).itemsize / 1024:.0f} KiB): "
+        f"{t_gather * 1e6:.1f} us/iter = {tile * g * br * jnp.dtype(dtype).itemsize / t_gather / 1e9:.2f} GB/s")
+  est = chunks * (t_dot_loop + t_gather)
+  print(f"  xla_cpu forward: {t_fwd * 1e3:.2f} ms = {gf(2 * tokens * int(bmask.sum()) * br * bc, t_fwd):.0f} GFLOP/s on the stored blocks, "
+        f"{t_dense / t_fwd:.2f}x dense; chunks x (GEMM in loop + gather) = {est * 1e3:.2f} ms; "
+        f"chunks x GEMM alone = {chunks * t_dot * 1e3:.2f} ms")
+
+
 PEERS = {"bcsr": ("jax.experimental.sparse.BCSR", bench_bcsr), "torch": ("torch BSR", bench_torch)}
 
 
@@ -302,6 +384,7 @@ def main(argv=None):
   p.add_argument("--peer-budget", type=float, default=10.0, help="a slower peer call is timed once, then skipped")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--json", default=None, help="also write all rows to this file")
+  p.add_argument("--breakdown", action="store_true", help="CPU: time the parts of the xla_cpu forward instead")
   args = p.parse_args(argv)
 
   dtype = DTYPES[args.dtype]
@@ -325,6 +408,12 @@ def main(argv=None):
   failures = 0
   rng = np.random.default_rng(args.seed)
 
+  if args.breakdown:
+    for size in args.sizes:
+      for tokens in args.tokens or [size]:
+        for density in args.densities:
+          cpu_breakdown(args, size, tokens, dtype, block_shape, density, rng)
+    return 0
   for size in args.sizes:
     for tokens in args.tokens or [size]:
       failures += run_size(args, size, tokens, dtype, block_shape, backends, peers, torch_ok, rng, rows)

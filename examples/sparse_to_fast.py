@@ -12,8 +12,10 @@ matmuls on masked weights, dense attention with the mask's token mask). Then:
 2. check: the exported model's logits equal the masked-dense model's (float tolerance);
 3. measure, in one process on one device: tokens/s of inference (a forward over
    ``--bench-batch`` sequences) and of a training step (loss and gradients) for the
-   exported model against the masked-dense one, alternating the two ``--iters`` times and
-   keeping each one's fastest run; prints a table and writes a plot to ``--out``.
+   exported model against the masked-dense one, alternating them ``--iters`` times and
+   keeping each one's fastest run; prints a table and writes a plot to ``--out``. A third
+   model, masked-dense MLPs with the block-sparse attention, splits the speed-up into its
+   attention part and its MLP (``bsr_matmul``) part.
 
 The backends are the automatic ones (``backend=None``): on CPU ``bsr_matmul`` runs its XLA:CPU
 path and attention its blockwise XLA reference; on a GPU or TPU the Pallas kernels. The same
@@ -218,23 +220,30 @@ def run(cfg: Config) -> dict:
   grad_dense = jax.jit(jax.value_and_grad(lambda p, b: loss_fn(p, b, dense_attend, cfg.num_heads)))
   # The exported model trains its stored blocks (index arrays are integers: allow_int).
   grad_fast = jax.jit(jax.value_and_grad(lambda p, b: loss_fn(p, b, sparse_attend, cfg.num_heads), allow_int=True))
+  # Masked-dense MLPs with the block-sparse attention: the attention part of the speed-up.
+  grad_attn = jax.jit(jax.value_and_grad(lambda p, b: loss_fn(p, b, sparse_attend, cfg.num_heads)))
   t = _fastest({
       ("infer", "dense"): lambda: infer_dense(masked, tokens),
       ("infer", "fast"): lambda: infer_fast(fast, tokens),
+      ("infer", "attn"): lambda: infer_fast(masked, tokens),
       ("train", "dense"): lambda: grad_dense(masked, batch),
       ("train", "fast"): lambda: grad_fast(fast, batch),
+      ("train", "attn"): lambda: grad_attn(masked, batch),
   }, cfg.iters)
   n_tokens = tokens.size
   rows = []
   for kind in ("infer", "train"):
-    d, f = t[kind, "dense"], t[kind, "fast"]
+    d, f, a = t[kind, "dense"], t[kind, "fast"], t[kind, "attn"]
     rows.append(dict(pass_=kind, dense_tokens_per_s=n_tokens / d, exported_tokens_per_s=n_tokens / f, speedup=d / f,
-                     dense_ms=d * 1e3, exported_ms=f * 1e3))
-  print(f"\n{'pass':<22} {'masked-dense tok/s':>18} {'exported tok/s':>15} {'speed-up':>9}")
+                     dense_ms=d * 1e3, exported_ms=f * 1e3, sparse_attention_only_ms=a * 1e3,
+                     attention_speedup=d / a, mlp_speedup=a / f))
+  print(f"\n{'pass':<22} {'masked-dense tok/s':>18} {'exported tok/s':>15} {'speed-up':>9} "
+        f"{'of which attention':>18} {'MLPs':>6}")
   names = {"infer": "inference (forward)", "train": "train step (loss+grad)"}
   for r in rows:
     print(f"{names[r['pass_']]:<22} {r['dense_tokens_per_s']:18.0f} {r['exported_tokens_per_s']:15.0f} "
-          f"{r['speedup']:8.2f}x")
+          f"{r['speedup']:8.2f}x {r['attention_speedup']:17.2f}x {r['mlp_speedup']:5.2f}x")
+  print("(attention: masked-dense model with block-sparse attention vs masked-dense; MLPs: exported vs that model)")
   print(f"(batch {cfg.bench_batch} x {cfg.seq_len} tokens, MLP block density {density:.3f}, fastest of "
         f"{cfg.iters} alternated runs, device {dev.device_kind})")
 

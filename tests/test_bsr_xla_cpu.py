@@ -144,3 +144,28 @@ def test_token_tiles_with_a_ragged_last_tile(monkeypatch):
   # Long inputs run in passes of TOKEN_TILE rows (dW sums the passes); 21 rows = 2 tiles of 8 + 5.
   monkeypatch.setattr(xla_cpu, "TOKEN_TILE", 8)
   check_bsr_matmul("xla_cpu", m_shape=(3, 7), k=64, n=96, block=(16, 32), density=0.5, empty_rows=1, empty_cols=1)
+
+
+def test_benchmark_script_checks_and_breaks_down_the_cpu_path(capsys, monkeypatch):
+  # benchmarks/bsr_matmul.py: the table run checks value, dx and dW against the dense masked
+  # product (exit status 1 on a wrong result); --breakdown times the parts of the forward.
+  import importlib.util  # noqa: PLC0415
+  import pathlib  # noqa: PLC0415
+  import sys  # noqa: PLC0415
+
+  path = pathlib.Path(__file__).parents[1] / "benchmarks" / "bsr_matmul.py"
+  spec = importlib.util.spec_from_file_location("bsr_matmul_benchmark", path)
+  bench = importlib.util.module_from_spec(spec)
+  monkeypatch.setitem(sys.modules, spec.name, bench)  # its dataclass looks the module up
+  spec.loader.exec_module(bench)
+  common = ["--sizes", "128", "--tokens", "24", "--block", "32", "--densities", "0.25", "--dtype", "f32"]
+  assert bench.main([*common, "--backend", "xla_cpu", "--peers", "", "--iters", "1", "--budget", "0", "--interleave", "1"]) == 0
+  table = capsys.readouterr().out
+  rows = [ln.split() for ln in table.splitlines() if "bsr_matmul[xla_cpu]" in ln and not ln.lstrip().startswith("Row(")]
+  assert [r[4] for r in rows] == ["fwd", "fwd+bwd"] and all(r[9] == "ok" for r in rows), table
+  assert bench.main([*common, "--breakdown"]) == 0
+  out = capsys.readouterr().out
+  # 4 of 16 blocks stored, 1 per column on average: g = 1, so one chunk GEMM per stored block.
+  assert "4 chunk GEMMs [24, 32] x [32, 32] (g=1, 1 token pass(es))" in out, out
+  for part in ("chunk GEMM alone", "chunk GEMM in a fori_loop", "chunk input gather", "xla_cpu forward"):
+    assert part in out, out

@@ -24,4 +24,7 @@ def test_train_export_measure(tmp_path):
   for r in result["rows"]:
     assert r["dense_tokens_per_s"] > 0 and r["exported_tokens_per_s"] > 0
     np.testing.assert_allclose(r["speedup"], r["dense_ms"] / r["exported_ms"])
+    # The speed-up splits into attention (dense -> sparse attention) times MLPs (-> bsr_matmul).
+    np.testing.assert_allclose(r["attention_speedup"], r["dense_ms"] / r["sparse_attention_only_ms"])
+    np.testing.assert_allclose(r["attention_speedup"] * r["mlp_speedup"], r["speedup"])
   assert os.path.getsize(tmp_path / "sparse_to_fast.png") > 0
