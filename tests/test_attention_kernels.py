@@ -121,10 +121,14 @@ def test_mosaic_gpu_refuses_token_masks_on_the_miscompiling_cuda(monkeypatch):
 
 
 @pytest.mark.skipif(not _JAX_012, reason="the Mosaic GPU interpreter needs jax >= 0.12")
-def test_mosaic_gpu_kernels_stream_full_and_partial_blocks_in_gpu_interpreter():
+@pytest.mark.parametrize("ring", [2, 3])  # head_dim 128 gets 2 slots, head_dim 64 gets 3
+def test_mosaic_gpu_kernels_stream_full_and_partial_blocks_in_gpu_interpreter(ring, monkeypatch):
   # Every q-block visits 2 full and 2 partial kv-blocks (document data; the last one ragged), so
-  # the 2-slot K/V ring wraps with indices read a step ahead and mask data copied for partial
-  # blocks only; dK/dV streams 2 q-blocks x 2 query heads (GQA) per kv-block the same way.
+  # the K/V ring wraps with indices read a step ahead and mask data copied for partial blocks
+  # only, with the forward's two compute warpgroups in ping-pong; dK/dV streams 2 q-blocks x 2
+  # query heads (GQA) per kv-block the same way.
+  from pallas_kernels.attention import kernel_mosaic_gpu as mg  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(mg, "_MAX_RING", ring)
   rng = np.random.default_rng(7)
   q, k, v, do = _inputs(rng, 1, 256, 500, 2, 1, 64, jnp.float16)
   seg_k = jnp.asarray([[0] * 300 + [1] * 100 + [0] * 100])

@@ -51,11 +51,47 @@ _WG_ROWS = 64
 _COMPUTE_WGS = 2
 
 
+# Shared memory per CTA (H100 / H200 opt-in per block), less what Mosaic GPU adds to the scratch
+# buffers (alignment and its own use: 2160 bytes in the forward kernel at head_dim 128, measured
+# by compiling; a 3-slot ring there needs 232568 > 232448 bytes).
+_SMEM_BYTES = 232448 - 4096
+_MAX_RING = 3
+
+
 @dataclasses.dataclass(frozen=True)
 class MosaicGPUConfig:
-  """Tuning knobs: ring depth of the K/V (or Q/dO) pipeline."""
+  """Tuning knobs.
 
-  max_concurrent_steps: int = 2
+  Attributes:
+    max_concurrent_steps: slots of the K/V (dK/dV: Q/dO) ring; ``None`` (default) takes the
+      deepest ring of up to 3 slots that fits in shared memory with the kernel's other buffers
+      (3 at head_dim 64; at head_dim 128, 2: one 128-row K and V slot takes 64 KiB).
+  """
+
+  max_concurrent_steps: int | None = None
+
+
+def _smem_bytes(scratch) -> int:
+  """Bytes of a scratch tree of ``plgpu.SMEM`` buffers and barriers (8 bytes each)."""
+  total = 0
+  for leaf in jax.tree.leaves(scratch, is_leaf=lambda x: hasattr(x, "shape") or
+                              hasattr(x, "num_barriers")):
+    if hasattr(leaf, "num_barriers"):
+      n = leaf.num_barriers
+      total += 8 * (math.prod(n) if isinstance(n, tuple) else n)
+    else:
+      total += math.prod(leaf.shape) * jnp.dtype(leaf.dtype).itemsize
+  return total
+
+
+def _ring_depth(config: MosaicGPUConfig, steps: int, scratch_for) -> int:
+  """The ring depth: ``config``'s, or the deepest that fits (``scratch_for(depth)``)."""
+  if config.max_concurrent_steps is not None:
+    return max(1, min(config.max_concurrent_steps, steps))
+  for depth in range(_MAX_RING, 1, -1):
+    if _smem_bytes(scratch_for(depth)) <= _SMEM_BYTES:
+      return max(1, min(depth, steps))
+  return 1
 
 
 def _plgpu():
@@ -255,9 +291,15 @@ def _kv_stream_kernel(dims: Dims, *, scale: float, fn, n_qd: int, n_kd: int, mc:
       dq_ref = next(it)
     scoped = next(it)
     (q_smem2, do_smem2, row_smem2, k_smem, v_smem, qd_smem2, kd_smem, a_smem2, bars,
-     consumed) = scoped
+     consumed, schedule) = scoped
     q_bars, k_bar, v_bar, kd_bar = bars
     k_consumed, v_consumed = consumed
+
+    def schedule_barrier():
+      """Ping-pong (forward): each compute warpgroup's softmax overlaps the other's GEMMs."""
+      if fwd:
+        plgpu.barrier_arrive(schedule)
+        plgpu.barrier_wait(schedule)
 
     b = lax.axis_index("batch")
     h = lax.axis_index("heads")
@@ -307,6 +349,7 @@ def _kv_stream_kernel(dims: Dims, *, scale: float, fn, n_qd: int, n_kd: int, mc:
 
         def compute_qk(acc_ref):
           plgpu.wgmma(acc_ref, q_smem, _transpose(k_smem.at[slot]))
+          schedule_barrier()  # QK issued: the other warpgroup may issue its GEMM
           return acc_ref[...]
 
         qk = pl.run_scoped(compute_qk, plgpu.ACC((bq, bk), jnp.float32))
@@ -333,7 +376,9 @@ def _kv_stream_kernel(dims: Dims, *, scale: float, fn, n_qd: int, n_kd: int, mc:
           acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
           l_i = l_i * alpha + p.sum(axis=1)
           p16 = p.astype(dtype)
+          plgpu.barrier_arrive(schedule)  # softmax done
           plgpu.barrier_wait(v_bar.at[slot])
+          plgpu.barrier_wait(schedule)  # the other warpgroup's softmax is done too
 
           acc = _mma_into(acc, p16, v_smem.at[slot], interpret, a_smem)
           out_carry = (acc, m_ij, l_i)
@@ -372,8 +417,13 @@ def _kv_stream_kernel(dims: Dims, *, scale: float, fn, n_qd: int, n_kd: int, mc:
                  plgpu.layout_cast(jnp.full((bq,), 0, jnp.float32), row_layout))
       else:
         carry = (zeros_acc,)
+      # Both warpgroups run the same steps; warpgroup 1 starts one schedule phase behind, so
+      # its QK/PV overlap warpgroup 0's softmax and the other way round. Every warpgroup arrives
+      # 2 * steps + 1 times.
+      pl.when(wg == 1)(schedule_barrier)
       carry = lax.fori_loop(0, n_full, functools.partial(step, partial=False), carry)
       carry = lax.fori_loop(n_full, n_total, functools.partial(step, partial=True), carry)
+      pl.when(wg == 0)(schedule_barrier)
 
       if fwd:
         acc, m_i, l_i = carry
@@ -455,7 +505,9 @@ def _smem_scratch(dims: Dims, n_qd: int, n_kd: int, mc: int, mode: str, dtype,
   bars = (q_bars, plgpu.Barrier(num_barriers=mc), plgpu.Barrier(num_barriers=mc),
           plgpu.Barrier(num_barriers=mc) if n_kd else None)
   consumed = (plgpu.Barrier(num_arrivals=_COMPUTE_WGS, num_barriers=mc),) * 2
-  return (q_smem, do_smem, row_smem, k_smem, v_smem, qd_smem, kd_smem, a_smem, bars, consumed)
+  schedule = plgpu.Barrier(num_arrivals=_COMPUTE_WGS) if mode == "fwd" else None
+  return (q_smem, do_smem, row_smem, k_smem, v_smem, qd_smem, kd_smem, a_smem, bars, consumed,
+          schedule)
 
 
 def _run_kv_stream(mode, q, k, v, extra, block_mask: BlockMask, dims: Dims, *, scale: float,
@@ -469,7 +521,8 @@ def _run_kv_stream(mode, q, k, v, extra, block_mask: BlockMask, dims: Dims, *, s
   qd, kd = _stack_data(block_mask, dims)
   n_qd = 0 if qd is None else qd.shape[1]
   n_kd = 0 if kd is None else kd.shape[1]
-  mc = max(1, min(config.max_concurrent_steps, dims.nk))
+  mc = _ring_depth(config, dims.nk, lambda depth: _smem_scratch(
+      dims, n_qd, n_kd, depth, mode, q.dtype, interpret=False))
   kernel = _kv_stream_kernel(dims, scale=scale, fn=_mask_fn(block_mask), n_qd=n_qd, n_kd=n_kd,
                              mc=mc, mode=mode, dtype=q.dtype, interpret=interpret)
   scratch = _smem_scratch(dims, n_qd, n_kd, mc, mode, q.dtype, interpret)
@@ -712,7 +765,8 @@ def flash_bwd(q, k, v, d_out, lse, delta, block_mask: BlockMask, dims: Dims, *, 
   qd, kd = _stack_data(block_mask, dims)
   n_qd = 0 if qd is None else qd.shape[1]
   n_kd = 0 if kd is None else kd.shape[1]
-  mc = max(1, min(config.max_concurrent_steps, dims.nq * dims.group))
+  mc = _ring_depth(config, dims.nq * dims.group, lambda depth: _dkv_scratch(
+      dims, n_qd, n_kd, depth, q.dtype, interpret=False))
   kernel = _dkv_kernel(dims, scale=scale, fn=_mask_fn(block_mask), n_qd=n_qd, n_kd=n_kd, mc=mc,
                        dtype=q.dtype, interpret=interpret)
   scratch = _dkv_scratch(dims, n_qd, n_kd, mc, q.dtype, interpret)
