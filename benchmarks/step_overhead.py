@@ -72,8 +72,9 @@ def methods(total: int):
   }
 
 
-# Variants also timed against a partner method, paired in the same rounds:
-# variant -> partner. skip_gradient_on_update must cost nothing on ordinary steps.
+# Variants also timed against a partner method, paired in the same rounds, on
+# both kinds of step: variant -> partner. skip_gradient_on_update must cost
+# nothing on ordinary steps (<= 1.05x RigL without it).
 PAIRED = {"RigL skip-gradient-on-update": "RigL"}
 
 
@@ -203,21 +204,24 @@ def main():
       if upd_t is not None:
         kinds["mask update"] = Runner(step, params, state, upd_t)
       if name in PAIRED:
-        p_factory, _, p_ord = all_methods[PAIRED[name]]
+        p_factory, p_upd, p_ord = all_methods[PAIRED[name]]
         p_tx = p_factory(optax.adam(1e-3))
-        kinds["partner"] = Runner(build_step(p_tx, False), params, p_tx.init(params), p_ord)
+        p_step, p_state = build_step(p_tx, False), p_tx.init(params)
+        kinds["partner ordinary"] = Runner(p_step, params, p_state, p_ord)
+        kinds["partner mask update"] = Runner(p_step, params, p_state, p_upd)
     res = {k: [] for k in kinds}
     base_times = []
     for _ in range(args.rounds):
       base_times.append(base.time(x, y, args.calls))
       for k, runner in kinds.items():
         res[k].append(runner.time(x, y, args.calls))
-    if "partner" in res:  # per-round ratio of the two ordinary steps
-      partner = res.pop("partner")
-      pr = statistics.median(a[0] / c[0] for a, c in zip(res["ordinary"], partner))
-      prc = statistics.median(a[1] / c[1] for a, c in zip(res["ordinary"], partner))
-      paired_lines.append(f"{name} / {PAIRED[name]}, ordinary steps, paired in each round: "
-                          f"{pr:.3f}x (cpu {prc:.3f}x)")
+    for kind in ("ordinary", "mask update"):  # per-round ratios to the partner
+      partner = res.pop("partner " + kind, None)
+      if partner is None:
+        continue
+      pr = statistics.median(a[0] / c[0] for a, c in zip(res[kind], partner))
+      prc = statistics.median(a[1] / c[1] for a, c in zip(res[kind], partner))
+      paired_lines.append(f"| {name} / {PAIRED[name]} | {kind} | {pr:.3f}x ({prc:.3f}x) |")
     b = statistics.median(t for t, _ in base_times)
     bc = statistics.median(c for _, c in base_times)
     row = {"method": name, "base_ms": b * 1e3, "component": custom is not None}
@@ -246,6 +250,11 @@ def main():
     print(f"| {r['method']} | {od} | {mu} |")
   if paired_lines:
     print()
+    print("Paired: the variant's step over its partner's step of the same kind, timed in the")
+    print("same rounds, median of the per-round ratios; wall clock (process CPU time).")
+    print()
+    print("| variant / partner | step | ratio |")
+    print("|---|---|---|")
     print("\n".join(paired_lines))
 
 
