@@ -102,6 +102,20 @@ def test_mosaic_gpu_kernels_in_gpu_interpreter():
   _check(got, q, k, v, do, mask, 3e-3)
 
 
+def test_mosaic_gpu_work_items_longest_first():
+  from pallas_kernels.attention import kernel_mosaic_gpu as mg  # pylint: disable=g-import-not-at-top
+  # Mask rows [B'=1, H'=2, nq=3] for batch 2 and 4 heads (2 heads per mask head): item ids are
+  # (b * 4 + h) * 3 + q_block; visited counts 5 > 2 > 1 > 0, ties in id order.
+  dims = mg.Dims(2, 384, 384, 4, 4, 64, 128, 128, 1, 2)
+  items = np.asarray(mg._work_items(jnp.array([[[1, 0, 2], [5, 1, 0]]]), dims))  # pylint: disable=protected-access
+  counts = np.array([[1, 0, 2]] * 2 + [[5, 1, 0]] * 2)  # per head, one batch
+  ids = np.arange(24).reshape(2, 4, 3)
+  assert sorted(items.tolist()) == list(range(24))
+  cost = np.broadcast_to(counts, (2, 4, 3))[np.unravel_index(items, (2, 4, 3))]
+  assert (np.diff(cost) <= 0).all()
+  assert items[:4].tolist() == sorted(ids[:, 2:, 0].ravel().tolist())  # the four rows of 5
+
+
 def test_mosaic_gpu_refuses_token_masks_on_the_miscompiling_cuda(monkeypatch):
   from pallas_kernels.attention import kernel_mosaic_gpu as mg  # pylint: disable=g-import-not-at-top
   # cudaRuntimeGetVersion: 1000 * major + 10 * minor + patch; bad: 12.8.0 <= v < 12.9.1.
@@ -129,6 +143,9 @@ def test_mosaic_gpu_kernels_stream_full_and_partial_blocks_in_gpu_interpreter(ri
   # query heads (GQA) per kv-block the same way.
   from pallas_kernels.attention import kernel_mosaic_gpu as mg  # pylint: disable=g-import-not-at-top
   monkeypatch.setattr(mg, "_MAX_RING", ring)
+  # 4 work items (2 heads x 2 q-blocks) on 2 persistent CTAs: each CTA's ring step and barrier
+  # phases carry from its first item to its second.
+  assert mg._num_ctas(4, interpret=True) == 2  # pylint: disable=protected-access
   rng = np.random.default_rng(7)
   q, k, v, do = _inputs(rng, 1, 256, 500, 2, 1, 64, jnp.float16)
   seg_k = jnp.asarray([[0] * 300 + [1] * 100 + [0] * 100])

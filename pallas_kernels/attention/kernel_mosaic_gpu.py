@@ -4,12 +4,18 @@ NOT YET RUN ON HARDWARE. The kernels lower for CUDA on jax 0.10.2 and 0.12
 (checked from a CPU machine through ``jax.export``) and, on jax >= 0.12, run in
 the Mosaic GPU interpreter on CPU; the tests marked ``gpu`` run them on a GPU.
 
-Structure (one CTA per (query head, 128-row q-block, batch), three warpgroups):
-  * two compute warpgroups, 64 query rows each, share the q-block's kv schedule;
+Structure of the forward and dQ kernels (three warpgroups per CTA):
+  * a persistent grid of one CTA per SM over the (batch, query head, 128-row q-block) work
+    items, longest (most visited kv-blocks) first, CTA ``c`` taking items ``c, c + CTAs, ...``;
+  * two compute warpgroups, 64 query rows each, share the q-block's kv schedule; in the
+    forward they run in ping-pong (a schedule barrier: one's softmax overlaps the other's
+    QK / PV GEMMs);
   * one memory warpgroup streams the visited K/V blocks with TMA into a ring of
-    ``max_concurrent_steps`` shared-memory slots. It reads the block indices
-    from global memory (Mosaic GPU has no scalar prefetch) and waits on
-    "consumed" barriers before reusing a slot;
+    ``max_concurrent_steps`` shared-memory slots (3 where shared memory allows, i.e. head_dim
+    64; else 2), one step counter per CTA across its items. It reads each block index from
+    global memory (Mosaic GPU has no scalar prefetch) one step ahead, then waits on the
+    "consumed" barriers before reusing a slot; token-mask data is copied for partial
+    blocks only;
   * the compute warpgroups run ``wgmma`` for ``q k^T`` and ``p v``, an online
     softmax in the exp2 domain, and the token mask only in the second loop (the
     schedule lists full blocks first, then partial ones).
@@ -25,7 +31,8 @@ from Lane to Warpgroup in jax 0.11, and Warpgroup's layout inference does not fi
 dK/dV kernel in jax 0.12.
 
 Constraints: float16/bfloat16, ``q_block == kv_block == 128``, ``head_dim`` 64
-or 128 (shared memory of the two-slot pipelines).
+or 128 (shared memory of the two-slot pipelines). On CUDA 12.8.0-12.9.0, whose ptxas
+miscompiles the masked softmax, token-masked blocks are refused (:func:`check_cuda_version`).
 """
 
 from __future__ import annotations
@@ -40,7 +47,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels import _cost
-from pallas_kernels.attention._common import Dims, allowed_in_block, pad_axis
+from pallas_kernels.attention._common import Dims, allowed_in_block, mask_rows, pad_axis
 from pallas_kernels.attention.block_mask import BlockMask
 
 __all__ = ["flash_fwd", "flash_bwd", "check_shapes", "check_cuda_version", "MosaicGPUConfig"]
@@ -69,6 +76,32 @@ class MosaicGPUConfig:
   """
 
   max_concurrent_steps: int | None = None
+
+
+_H100_SMS = 132
+_INTERPRET_SMS = 2  # fewer CTAs than work items in the interpreter tests: items in sequence
+
+
+def _num_ctas(num_items: int, interpret: bool) -> int:
+  """CTAs of the persistent forward / dQ grid: one per SM, at most one per work item."""
+  if interpret:
+    sms = _INTERPRET_SMS
+  else:
+    sms = getattr(jax.devices()[0], "core_count", None) or _H100_SMS
+  return max(1, min(sms, num_items))
+
+
+def _work_items(counts, dims: Dims):
+  """Work items ``(b * num_heads + h) * nq + q_block``, most visited kv-blocks first.
+
+  ``counts`` is ``[B', H', nq]`` (visited kv-blocks per mask row). Ties keep their order.
+
+  >>> d = Dims(1, 256, 256, 2, 2, 64, 128, 128, 1, 2)
+  >>> _work_items(jnp.array([[[3, 1], [0, 4]]]), d).tolist()
+  [3, 0, 1, 2]
+  """
+  cost = mask_rows(counts, dims).reshape(-1)
+  return jnp.argsort(-cost, stable=True).astype(jnp.int32)
 
 
 def _smem_bytes(scratch) -> int:
@@ -266,8 +299,13 @@ def _broadcast_col(x, shape, plgpu):
 # Forward / dQ: one CTA per (q head, q-block, batch), K/V streamed.
 # ---------------------------------------------------------------------------
 def _kv_stream_kernel(dims: Dims, *, scale: float, fn, n_qd: int, n_kd: int, mc: int,
-                      mode: str, dtype, interpret: bool):
-  """Builds the forward (``mode='fwd'``) or dQ (``mode='dq'``) kernel body."""
+                      mode: str, dtype, interpret: bool, num_ctas: int):
+  """Builds the forward (``mode='fwd'``) or dQ (``mode='dq'``) kernel body.
+
+  Persistent: CTA ``c`` runs work items ``c, c + num_ctas, ...`` of the longest-first list
+  ``items`` (``(batch * H + head) * nq + q_block``). The K/V ring's slot and barrier phases
+  follow one step counter per CTA, carried from item to item.
+  """
   plgpu = _plgpu()
   bq, bk, d, g = _WG_ROWS, dims.kv_block, dims.head_dim, dims.group
   hpm = dims.heads_per_mask_head
@@ -282,7 +320,7 @@ def _kv_stream_kernel(dims: Dims, *, scale: float, fn, n_qd: int, n_kd: int, mc:
     q_ref, k_ref, v_ref = next(it), next(it), next(it)
     if not fwd:
       do_ref, lse_ref, delta_ref = next(it), next(it), next(it)
-    sched_ref, nfull_ref, ntotal_ref = next(it), next(it), next(it)
+    items_ref, sched_ref, nfull_ref, ntotal_ref = next(it), next(it), next(it), next(it)
     qd_ref = next(it) if n_qd else None
     kd_ref = next(it) if n_kd else None
     if fwd:
@@ -301,19 +339,24 @@ def _kv_stream_kernel(dims: Dims, *, scale: float, fn, n_qd: int, n_kd: int, mc:
         plgpu.barrier_arrive(schedule)
         plgpu.barrier_wait(schedule)
 
-    b = lax.axis_index("batch")
-    h = lax.axis_index("heads")
-    qi = lax.axis_index("q_seq")
+    cta = lax.axis_index("cta")
     wg = lax.axis_index("wg")
-    mb = b if dims.mask_batch > 1 else 0
-    mh = lax.div(h, jnp.array(hpm, h.dtype))
-    hk = lax.div(h, jnp.array(g, h.dtype))
-    n_full = nfull_ref[mb, mh, qi]
-    n_total = ntotal_ref[mb, mh, qi]
+    n_mine = lax.div(items_ref.shape[0] - 1 - cta, jnp.array(num_ctas, cta.dtype)) + 1
+    div = lambda x, n: lax.div(x, jnp.array(n, x.dtype))
+    rem = lambda x, n: lax.rem(x, jnp.array(n, x.dtype))
 
-    @pl.when(wg < _COMPUTE_WGS)
-    def _compute():
-      plgpu.set_max_registers(232, action="increase")
+    def work(i):
+      """Batch, head, q-block, mask batch / head, kv head and counts of this CTA's item i."""
+      w = items_ref[cta + i * num_ctas]
+      qi, bh = rem(w, dims.nq), div(w, dims.nq)
+      b, h = div(bh, dims.num_heads), rem(bh, dims.num_heads)
+      mb = b if dims.mask_batch > 1 else 0
+      mh = div(h, hpm)
+      return b, h, qi, mb, mh, div(h, g), nfull_ref[mb, mh, qi], ntotal_ref[mb, mh, qi]
+
+    def compute_item(i, base):
+      """One work item; ``base`` is the CTA's ring step at its start."""
+      b, h, qi, mb, mh, _, n_full, n_total = work(i)
       q_smem = q_smem2.at[wg]
       a_smem = None if a_smem2 is None else a_smem2.at[wg]
       q_base = qi * (2 * bq) + wg * bq
@@ -341,10 +384,10 @@ def _kv_stream_kernel(dims: Dims, *, scale: float, fn, n_qd: int, n_kd: int, mc:
 
       @pl.when(n_total > 0)
       def _():
-        plgpu.barrier_wait(k_bar.at[0])
+        plgpu.barrier_wait(k_bar.at[rem(base, mc)])
 
       def step(t, carry, partial):
-        slot = lax.rem(t, jnp.array(mc, t.dtype))
+        slot = rem(base + t, mc)
         j = sched_ref[mb, mh, qi, t]
 
         def compute_qk(acc_ref):
@@ -403,7 +446,7 @@ def _kv_stream_kernel(dims: Dims, *, scale: float, fn, n_qd: int, n_kd: int, mc:
 
         @pl.when(nxt < n_total)
         def _wait_next():
-          plgpu.barrier_wait(k_bar.at[lax.rem(nxt, jnp.array(mc, nxt.dtype))])
+          plgpu.barrier_wait(k_bar.at[rem(base + nxt, mc)])
 
         if not fwd:
           plgpu.barrier_arrive(k_consumed.at[slot])
@@ -440,11 +483,11 @@ def _kv_stream_kernel(dims: Dims, *, scale: float, fn, n_qd: int, n_kd: int, mc:
         q_smem[...] = (dq_acc * scale).astype(dtype)
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(q_smem, dq_ref.at[b, rows, h])
-      plgpu.wait_smem_to_gmem(0)
+      plgpu.wait_smem_to_gmem(0)  # q_smem / row_smem are reused by the next item
+      return base + n_total
 
-    @pl.when(wg == _COMPUTE_WGS)
-    def _memory():
-      plgpu.set_max_registers(40, action="decrease")
+    def memory_item(i, base):
+      b, _, qi, mb, mh, hk, n_full, n_total = work(i)
 
       def copy_k(t, j, slot):
         cols = pl.ds(j * bk, bk)
@@ -461,26 +504,31 @@ def _kv_stream_kernel(dims: Dims, *, scale: float, fn, n_qd: int, n_kd: int, mc:
       def index(t):  # clamped: the read one step ahead may pass the schedule's end
         return sched_ref[mb, mh, qi, jnp.minimum(t, dims.nk - 1)]
 
-      for i in range(mc):
-        @pl.when(i < n_total)
-        def _(i=i):
-          j = index(i)
-          copy_k(i, j, i)
-          copy_v(j, i)
-
-      # Step t refills slot t % mc with block t + mc. Its index was read one step earlier, so
-      # no global load waits behind the consumed barriers in front of the TMA.
+      # Ring step base + t fills slot (base + t) % mc once step base + t - mc has released it.
+      # Its index was read one step earlier, so no global load waits behind the consumed
+      # barriers in front of the TMA.
       def stream(t, j):
-        nxt = t + mc
-        slot = lax.rem(t, jnp.array(mc, t.dtype))
-        j_next = index(nxt + 1)
-        plgpu.barrier_wait(k_consumed.at[slot])
-        copy_k(nxt, j, slot)
-        plgpu.barrier_wait(v_consumed.at[slot])
+        step = base + t
+        slot = rem(step, mc)
+        j_next = index(t + 1)
+        pl.when(step >= mc)(lambda: plgpu.barrier_wait(k_consumed.at[slot]))
+        copy_k(t, j, slot)
+        pl.when(step >= mc)(lambda: plgpu.barrier_wait(v_consumed.at[slot]))
         copy_v(j, slot)
         return j_next
 
-      lax.fori_loop(0, jnp.maximum(n_total - mc, 0), stream, index(mc))
+      lax.fori_loop(0, n_total, stream, index(0))
+      return base + n_total
+
+    @pl.when(wg < _COMPUTE_WGS)
+    def _compute():
+      plgpu.set_max_registers(232, action="increase")
+      lax.fori_loop(0, n_mine, compute_item, jnp.int32(0))
+
+    @pl.when(wg == _COMPUTE_WGS)
+    def _memory():
+      plgpu.set_max_registers(40, action="decrease")
+      lax.fori_loop(0, n_mine, memory_item, jnp.int32(0))
 
   return kernel
 
@@ -523,20 +571,23 @@ def _run_kv_stream(mode, q, k, v, extra, block_mask: BlockMask, dims: Dims, *, s
   n_kd = 0 if kd is None else kd.shape[1]
   mc = _ring_depth(config, dims.nk, lambda depth: _smem_scratch(
       dims, n_qd, n_kd, depth, mode, q.dtype, interpret=False))
+  items = _work_items(counts, dims)
+  num_ctas = _num_ctas(items.shape[0], interpret)
   kernel = _kv_stream_kernel(dims, scale=scale, fn=_mask_fn(block_mask), n_qd=n_qd, n_kd=n_kd,
-                             mc=mc, mode=mode, dtype=q.dtype, interpret=interpret)
+                             mc=mc, mode=mode, dtype=q.dtype, interpret=interpret,
+                             num_ctas=num_ctas)
   scratch = _smem_scratch(dims, n_qd, n_kd, mc, mode, q.dtype, interpret)
   if mode == "fwd":
     out_type = [jax.ShapeDtypeStruct(qp.shape, q.dtype),
                 jax.ShapeDtypeStruct((dims.batch, dims.num_heads, dims.q_pad), jnp.float32)]
   else:
     out_type = jax.ShapeDtypeStruct(qp.shape, q.dtype)
-  args = [qp, kp, vp, *extra, idx, block_mask.full_kv_counts, counts]
+  args = [qp, kp, vp, *extra, items, idx, block_mask.full_kv_counts, counts]
   args += [x for x in (qd, kd) if x is not None]
   with _interpret_context(interpret):
     return plgpu.kernel(
         kernel, out_type=out_type, scratch_types=[scratch],
-        grid=(dims.num_heads, dims.nq, dims.batch), grid_names=("heads", "q_seq", "batch"),
+        grid=(num_ctas,), grid_names=("cta",),
         num_threads=_COMPUTE_WGS + 1, thread_name="wg",
         compiler_params=_compiler_params(),
         **_cost.kernel_kwargs(plgpu.kernel, _cost.attention(
