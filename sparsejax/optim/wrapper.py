@@ -250,7 +250,10 @@ def sparse_wrapper(inner: optax.GradientTransformation | None, policy: MaskPolic
       of every untrained entry (pruned or just grown) before each update, so
       grown weights start from a fresh parameter's state.
     skip_gradient_on_update: on mask-update steps, only update the masks (no
-      gradient step, inner state unchanged), as TF RigL does.
+      gradient step: zero inner updates, inner state unchanged except the
+      moment reset above), as TF RigL does. Ordinary steps compute the same
+      values at the same cost as without it (no copy of the inner state:
+      :func:`~sparsejax.optim.skip_update.update_or_skip`).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state holds a
