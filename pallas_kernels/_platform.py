@@ -2,7 +2,10 @@
 
 Backends:
   * ``"mosaic_gpu"``: Pallas Mosaic GPU (Hopper sm_90a and newer).
-  * ``"triton"``: Pallas with the Triton lowering (other NVIDIA GPUs).
+  * ``"jax_triton"``: Triton-language kernels through ``jax_triton.triton_call`` (NVIDIA sm_8x:
+    A100, Ampere and Ada GPUs; needs the ``triton`` extra).
+  * ``"triton"``: Pallas with the Triton lowering (other NVIDIA GPUs, and sm_8x without the
+    ``triton`` extra).
   * ``"tpu"``: Pallas Mosaic TPU with scalar prefetch.
   * ``"interpret"``: a Pallas kernel run by the interpreter (any platform; tests).
   * ``"reference"``: the XLA reference implementation (CPU and fallback).
@@ -12,18 +15,30 @@ from __future__ import annotations
 
 import jax
 
-BACKENDS = ("mosaic_gpu", "triton", "tpu", "interpret", "reference")
+BACKENDS = ("mosaic_gpu", "jax_triton", "triton", "tpu", "interpret", "reference")
 
 
-def _is_hopper_or_newer(device) -> bool:
-  cc = getattr(device, "compute_capability", None)
-  if cc is None:
-    return False
+def gpu_backend(compute_capability, jax_triton_installed: bool) -> str:
+  """The backend ``backend=None`` picks on an NVIDIA GPU: a pure function of the device's compute
+  capability (``"8.0"``, ``"9.0"``; ``None`` if unknown) and whether the ``triton`` extra
+  (jax-triton) is installed.
+
+  Hopper and newer: ``"mosaic_gpu"``. sm_8x (A100 sm_80, Ampere sm_86, Ada sm_89): the
+  Triton-language kernels (``"jax_triton"``) when the extra is installed, else Pallas' Triton
+  lowering (``"triton"``, deprecated from jax 0.11). Anything else: ``"triton"``.
+
+  >>> gpu_backend("8.9", True), gpu_backend("8.0", False), gpu_backend("9.0", True)
+  ('jax_triton', 'triton', 'mosaic_gpu')
+  """
   try:
-    major = int(str(cc).split(".")[0])
+    major = int(str(compute_capability).split(".")[0])
   except ValueError:
-    return False
-  return major >= 9
+    return "triton"
+  if major >= 9:
+    return "mosaic_gpu"
+  if major == 8 and jax_triton_installed:
+    return "jax_triton"
+  return "triton"
 
 
 def default_backend() -> str:
@@ -32,7 +47,9 @@ def default_backend() -> str:
   if platform == "tpu":
     return "tpu"
   if platform in ("gpu", "cuda"):
-    return "mosaic_gpu" if _is_hopper_or_newer(jax.devices()[0]) else "triton"
+    from pallas_kernels import _jax_triton  # pylint: disable=g-import-not-at-top
+    cc = getattr(jax.devices()[0], "compute_capability", None)
+    return gpu_backend(cc, _jax_triton.installed())
   return "reference"
 
 

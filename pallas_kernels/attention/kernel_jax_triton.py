@@ -69,7 +69,8 @@ def fwd_kernel(q_ref, k_ref, v_ref, fc_ref, fi_ref, pc_ref, pi_ref, bits_ref, o_
                SQ: tl.constexpr, SKV: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr,
                NQ: tl.constexpr, NK: tl.constexpr, MB: tl.constexpr, HM: tl.constexpr,
                HPM: tl.constexpr, BITS_B: tl.constexpr, W: tl.constexpr, HAS_MASK: tl.constexpr,
-               SCALE: tl.constexpr, PRECISION: tl.constexpr):
+               SCALE: tl.constexpr, PRECISION: tl.constexpr, BKS: tl.constexpr,
+               BQS: tl.constexpr):
   b = tl.program_id(0)
   h = tl.program_id(1)
   i = tl.program_id(2)
@@ -90,21 +91,22 @@ def fwd_kernel(q_ref, k_ref, v_ref, fc_ref, fi_ref, pc_ref, pi_ref, bits_ref, o_
   n_all = n_full + tl.load(pc_ref + row)
   for s in range(0, n_all):
     j = _block_index(fi_ref, pi_ref, row * NK, s, n_full)
-    kvs = j * BK + tl.arange(0, BK)
-    kv_off = ((b * SKV + kvs[:, None]).to(tl.int64) * (H // G) + hk) * D + ds[None, :]
-    kv_mask = (kvs[:, None] < SKV) & d_ok[None, :]
-    kt = tl.load(k_ref + kv_off, mask=kv_mask, other=0.0)
-    vt = tl.load(v_ref + kv_off, mask=kv_mask, other=0.0)
-    sc = tl.dot(q, tl.trans(kt), input_precision=PRECISION) * SCALE
-    ok = _allowed(bits_ref, bits_row, qs, kvs, s - n_full, SKV, W, HAS_MASK)
-    sc = tl.where(ok, sc, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(sc, axis=1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.exp(sc - m_safe[:, None])
-    alpha = tl.exp(m_i - m_safe)
-    l_i = alpha * l_i + tl.sum(p, axis=1)
-    acc = alpha[:, None] * acc + tl.dot(p.to(vt.dtype), vt, input_precision=PRECISION)
-    m_i = m_new
+    for sub in range(0, BK, BKS):  # the block's keys in sub-tiles of BKS (register pressure)
+      kvs = j * BK + sub + tl.arange(0, BKS)
+      kv_off = ((b * SKV + kvs[:, None]).to(tl.int64) * (H // G) + hk) * D + ds[None, :]
+      kv_mask = (kvs[:, None] < SKV) & d_ok[None, :]
+      kt = tl.load(k_ref + kv_off, mask=kv_mask, other=0.0)
+      vt = tl.load(v_ref + kv_off, mask=kv_mask, other=0.0)
+      sc = tl.dot(q, tl.trans(kt), input_precision=PRECISION) * SCALE
+      ok = _allowed(bits_ref, bits_row, qs, kvs, s - n_full, SKV, W, HAS_MASK)
+      sc = tl.where(ok, sc, float("-inf"))
+      m_new = tl.maximum(m_i, tl.max(sc, axis=1))
+      m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+      p = tl.exp(sc - m_safe[:, None])
+      alpha = tl.exp(m_i - m_safe)
+      l_i = alpha * l_i + tl.sum(p, axis=1)
+      acc = alpha[:, None] * acc + tl.dot(p.to(vt.dtype), vt, input_precision=PRECISION)
+      m_i = m_new
   pos = l_i != 0.0  # rows that attend nothing: zero output, lse = -inf
   l_safe = tl.where(pos, l_i, 1.0)
   out = tl.where(pos[:, None], acc / l_safe[:, None], 0.0)
@@ -121,7 +123,8 @@ def dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, fc_ref, fi_ref, p
               SQ: tl.constexpr, SKV: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr,
               NQ: tl.constexpr, NK: tl.constexpr, MB: tl.constexpr, HM: tl.constexpr,
               HPM: tl.constexpr, BITS_B: tl.constexpr, W: tl.constexpr, HAS_MASK: tl.constexpr,
-              SCALE: tl.constexpr, PRECISION: tl.constexpr):
+              SCALE: tl.constexpr, PRECISION: tl.constexpr, BKS: tl.constexpr,
+              BQS: tl.constexpr):
   b = tl.program_id(0)
   h = tl.program_id(1)
   i = tl.program_id(2)
@@ -145,17 +148,18 @@ def dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, fc_ref, fi_ref, p
   n_all = n_full + tl.load(pc_ref + row)
   for s in range(0, n_all):
     j = _block_index(fi_ref, pi_ref, row * NK, s, n_full)
-    kvs = j * BK + tl.arange(0, BK)
-    kv_off = ((b * SKV + kvs[:, None]).to(tl.int64) * (H // G) + hk) * D + ds[None, :]
-    kv_mask = (kvs[:, None] < SKV) & d_ok[None, :]
-    kt = tl.load(k_ref + kv_off, mask=kv_mask, other=0.0)
-    vt = tl.load(v_ref + kv_off, mask=kv_mask, other=0.0)
-    sc = tl.dot(q, tl.trans(kt), input_precision=PRECISION) * SCALE
-    ok = _allowed(bits_ref, bits_row, qs, kvs, s - n_full, SKV, W, HAS_MASK)
-    p = tl.where(ok, tl.exp(sc - lse[:, None]), 0.0)
-    dp = tl.dot(do, tl.trans(vt), input_precision=PRECISION)
-    dsc = p * (dp - delta[:, None])
-    dq = tl.dot(dsc.to(kt.dtype), kt, dq, input_precision=PRECISION)
+    for sub in range(0, BK, BKS):
+      kvs = j * BK + sub + tl.arange(0, BKS)
+      kv_off = ((b * SKV + kvs[:, None]).to(tl.int64) * (H // G) + hk) * D + ds[None, :]
+      kv_mask = (kvs[:, None] < SKV) & d_ok[None, :]
+      kt = tl.load(k_ref + kv_off, mask=kv_mask, other=0.0)
+      vt = tl.load(v_ref + kv_off, mask=kv_mask, other=0.0)
+      sc = tl.dot(q, tl.trans(kt), input_precision=PRECISION) * SCALE
+      ok = _allowed(bits_ref, bits_row, qs, kvs, s - n_full, SKV, W, HAS_MASK)
+      p = tl.where(ok, tl.exp(sc - lse[:, None]), 0.0)
+      dp = tl.dot(do, tl.trans(vt), input_precision=PRECISION)
+      dsc = p * (dp - delta[:, None])
+      dq = tl.dot(dsc.to(kt.dtype), kt, dq, input_precision=PRECISION)
   tl.store(dq_ref + q_off, (dq * SCALE).to(dq_ref.dtype.element_ty), mask=q_mask)
 
 
@@ -166,7 +170,8 @@ def dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, fc_ref, fi_ref, 
                SQ: tl.constexpr, SKV: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr,
                NQ: tl.constexpr, NK: tl.constexpr, MB: tl.constexpr, HM: tl.constexpr,
                HPM: tl.constexpr, BITS_B: tl.constexpr, W: tl.constexpr, HAS_MASK: tl.constexpr,
-               SCALE: tl.constexpr, PRECISION: tl.constexpr):
+               SCALE: tl.constexpr, PRECISION: tl.constexpr, BKS: tl.constexpr,
+               BQS: tl.constexpr):
   b = tl.program_id(0)
   hk = tl.program_id(1)
   j = tl.program_id(2)
@@ -188,22 +193,23 @@ def dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, fc_ref, fi_ref, 
     n_all = n_full + tl.load(pc_ref + row)
     for s in range(0, n_all):
       i = _block_index(fi_ref, pi_ref, row * NQ, s, n_full)
-      qs = i * BQ + tl.arange(0, BQ)
-      q_ok = qs < SQ
-      q_off = ((b * SQ + qs[:, None]).to(tl.int64) * H + h) * D + ds[None, :]
-      q_mask = q_ok[:, None] & d_ok[None, :]
-      q = tl.load(q_ref + q_off, mask=q_mask, other=0.0)
-      do = tl.load(do_ref + q_off, mask=q_mask, other=0.0)
-      lse = tl.load(lse_ref + (b * H + h) * SQ + qs, mask=q_ok, other=0.0)
-      lse = tl.where(lse == float("-inf"), 0.0, lse)
-      delta = tl.load(delta_ref + (b * H + h) * SQ + qs, mask=q_ok, other=0.0)
-      sc = tl.dot(q, tl.trans(kt), input_precision=PRECISION) * SCALE
-      ok = _allowed(bits_ref, bits_row, qs, kvs, s - n_full, SKV, W, HAS_MASK)
-      p = tl.where(ok, tl.exp(sc - lse[:, None]), 0.0)
-      dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv, input_precision=PRECISION)
-      dp = tl.dot(do, tl.trans(vt), input_precision=PRECISION)
-      dsc = p * (dp - delta[:, None])
-      dk = tl.dot(tl.trans(dsc.to(q.dtype)), q, dk, input_precision=PRECISION)
+      for sub in range(0, BQ, BQS):  # the block's queries in sub-tiles of BQS
+        qs = i * BQ + sub + tl.arange(0, BQS)
+        q_ok = qs < SQ
+        q_off = ((b * SQ + qs[:, None]).to(tl.int64) * H + h) * D + ds[None, :]
+        q_mask = q_ok[:, None] & d_ok[None, :]
+        q = tl.load(q_ref + q_off, mask=q_mask, other=0.0)
+        do = tl.load(do_ref + q_off, mask=q_mask, other=0.0)
+        lse = tl.load(lse_ref + (b * H + h) * SQ + qs, mask=q_ok, other=0.0)
+        lse = tl.where(lse == float("-inf"), 0.0, lse)
+        delta = tl.load(delta_ref + (b * H + h) * SQ + qs, mask=q_ok, other=0.0)
+        sc = tl.dot(q, tl.trans(kt), input_precision=PRECISION) * SCALE
+        ok = _allowed(bits_ref, bits_row, qs, kvs, s - n_full, SKV, W, HAS_MASK)
+        p = tl.where(ok, tl.exp(sc - lse[:, None]), 0.0)
+        dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv, input_precision=PRECISION)
+        dp = tl.dot(do, tl.trans(vt), input_precision=PRECISION)
+        dsc = p * (dp - delta[:, None])
+        dk = tl.dot(tl.trans(dsc.to(q.dtype)), q, dk, input_precision=PRECISION)
   tl.store(dk_ref + kv_off, (dk * SCALE).to(dk_ref.dtype.element_ty), mask=kv_mask)
   tl.store(dv_ref + kv_off, dv.to(dv_ref.dtype.element_ty), mask=kv_mask)
 
@@ -254,13 +260,17 @@ def _constants(q, block_mask: BlockMask, dims: Dims, bits, scale: float):
               BQ=dims.q_block, BK=dims.kv_block, NQ=dims.nq, NK=dims.nk, MB=dims.mask_batch,
               HM=dims.mask_heads, HPM=dims.heads_per_mask_head, BITS_B=bits.shape[0],
               W=bits.shape[2], HAS_MASK=block_mask.mask_mod is not None, SCALE=float(scale),
-              PRECISION="ieee" if q.dtype == jnp.float32 else "tf32")
+              PRECISION="ieee" if q.dtype == jnp.float32 else "tf32",
+              # Sub-tiles of a visited block, the tiles of the FlashAttention-2 Triton kernels on
+              # sm_80: the forward and dQ take 64 keys at a time, dK/dV 32 queries at a time.
+              BKS=min(dims.kv_block, 64), BQS=min(dims.q_block, 32))
 
 
 def _warps(dims: Dims, num_warps: int | None) -> int:
   if num_warps is not None:
     return num_warps
-  return 4 if dims.head_dim <= 64 else 8
+  # 4 warps spill with 128-row tiles even at head_dim 64 (benchmarks/compile_jax_triton.py).
+  return 8 if max(dims.q_block, dims.kv_block) >= 128 or dims.head_dim > 64 else 4
 
 
 def flash_fwd(q, k, v, block_mask: BlockMask, dims: Dims, *, scale: float, interpret: bool = False,

@@ -7,6 +7,8 @@ returned LSE is folded into the row term ``delta = rowsum(dO * O) - dLSE``.
 
 Backends (``pallas_kernels.resolve_backend``; ``None`` picks by platform):
   * ``"mosaic_gpu"``: Pallas Mosaic GPU, warp-specialised (Hopper and newer).
+  * ``"jax_triton"``: Triton-language kernels through ``jax_triton.triton_call`` (sm_8x GPUs
+    with the ``triton`` extra; ``interpret=True`` runs them in Triton's interpreter).
   * ``"triton"``: Pallas with the Triton lowering (other NVIDIA GPUs).
   * ``"tpu"``: Pallas Mosaic TPU with scalar prefetch.
   * ``"interpret"``: the Triton-style kernels run by the Pallas interpreter.
@@ -40,7 +42,7 @@ class _Impl:
 
 
 def _check_backend(impl: _Impl, dims: Dims, block_mask: BlockMask):
-  if impl.backend in ("triton", "interpret"):
+  if impl.backend in ("triton", "interpret", "jax_triton"):
     check_block_sizes_pow2(dims, impl.backend)
   elif impl.backend == "tpu":
     from pallas_kernels.attention import kernel_tpu  # pylint: disable=g-import-not-at-top
@@ -55,6 +57,11 @@ def _forward(q, k, v, block_mask, scale, impl: _Impl):
   if impl.backend == "reference":
     from pallas_kernels.attention import reference  # pylint: disable=g-import-not-at-top
     return reference.blockwise_attention_fwd(q, k, v, block_mask, scale=scale)
+  if impl.backend == "jax_triton":
+    from pallas_kernels.attention import kernel_jax_triton  # pylint: disable=g-import-not-at-top
+    return kernel_jax_triton.flash_fwd(q, k, v, block_mask, dims, scale=scale,
+                                       interpret=impl.interpret, num_warps=impl.num_warps,
+                                       num_stages=impl.num_stages)
   if impl.backend in ("triton", "interpret"):
     from pallas_kernels.attention import kernel_triton  # pylint: disable=g-import-not-at-top
     interpret = impl.backend == "interpret" or impl.interpret
@@ -84,6 +91,11 @@ def _backward(q, k, v, out, lse, d_out, d_lse, block_mask, scale, impl: _Impl):
   if impl.backend == "reference":
     from pallas_kernels.attention import reference  # pylint: disable=g-import-not-at-top
     return reference.blockwise_attention_bwd(q, k, v, lse, delta, d_out, block_mask, scale=scale)
+  if impl.backend == "jax_triton":
+    from pallas_kernels.attention import kernel_jax_triton  # pylint: disable=g-import-not-at-top
+    return kernel_jax_triton.flash_bwd(q, k, v, d_out, lse, delta, block_mask, dims, scale=scale,
+                                       interpret=impl.interpret, num_warps=impl.num_warps,
+                                       num_stages=impl.num_stages)
   if impl.backend in ("triton", "interpret"):
     from pallas_kernels.attention import kernel_triton  # pylint: disable=g-import-not-at-top
     interpret = impl.backend == "interpret" or impl.interpret
@@ -131,9 +143,10 @@ def block_sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, block_mask:
     k, v: ``[batch, kv_len, kv_heads, head_dim]``; ``kv_heads`` divides ``heads`` (GQA).
     block_mask: a :class:`BlockMask` built for ``q_len`` and ``kv_len``.
     scale: static logit scale, default ``head_dim ** -0.5``.
-    backend: ``"mosaic_gpu"``, ``"triton"``, ``"tpu"``, ``"interpret"``, ``"reference"``
-      or ``None`` (by platform: Hopper GPUs Mosaic GPU, other GPUs Triton, TPU tpu,
-      CPU reference).
+    backend: ``"mosaic_gpu"``, ``"jax_triton"``, ``"triton"``, ``"tpu"``, ``"interpret"``,
+      ``"reference"`` or ``None`` (by platform: Hopper GPUs Mosaic GPU; sm_8x GPUs jax_triton
+      when the ``triton`` extra is installed, else Triton; other GPUs Triton; TPU tpu; CPU
+      reference).
     interpret: run a GPU/TPU backend's kernels in the Pallas interpreter (tests).
     return_lse: also return the float32 log-sum-exp ``[batch, heads, q_len]``.
     num_warps, num_stages: Triton compiler parameters (default: 4 warps for

@@ -12,8 +12,9 @@ format and products as :mod:`pallas_kernels.matmul.kernel_triton`:
   rows of ``a`` and ``b``; padding slots (``>= nnzb``) are written as zeros.
 
 Rows of ``a`` need no padding: loads and stores are masked at ``M``. Blocks are powers of two in
-[16, 256] (the check of the Pallas Triton kernels). Float32 inputs multiply in IEEE float32 (no
-TF32). ``interpret=True`` runs the same kernels in Triton's interpreter (any platform).
+[16, 256] (the check of the Pallas Triton kernels). On the GPU float32 inputs multiply in TF32 on
+the tensor cores, like the Pallas Triton kernels (Triton's default; Triton's interpreter multiplies
+in float32). ``interpret=True`` runs the same kernels in Triton's interpreter (any platform).
 """
 
 from __future__ import annotations
@@ -89,7 +90,8 @@ def sddmm_kernel(nnzb_ref, row_ref, col_ref, a_ref, b_ref, m, lda, ldb, o_ref,
 
 
 def _precision(dtype) -> str:
-  return "ieee" if jnp.dtype(dtype) == jnp.float32 else "tf32"  # tf32 is ignored for 16-bit
+  del dtype  # float32 inputs multiply in TF32 on the tensor cores, as the Pallas Triton kernels
+  return "tf32"  # do (their dots take Triton's default precision); ignored for 16-bit inputs
 
 
 def _row_tile(m: int, cap: int) -> int:
@@ -114,8 +116,10 @@ def spmm(a: jax.Array, w: BlockSparseMatrix, *, transpose: bool = False, interpr
   itemsize = jnp.dtype(a.dtype).itemsize
   bm = block_m or _row_tile(m, 128)
   tn = min(bo, 128)
-  tk = min(bk, 64 if itemsize == 2 else 32)  # a 3-stage pipeline of (bm + tn) x tk in 96 KiB
-  warps = num_warps or (8 if bm * tn >= 128 * 128 else 4)
+  # A 3-stage pipeline of (bm + tn) x tk operands in <= 96 KiB; 128 x 128 tiles take tk = 32 to
+  # stay clear of spills (ptxas, benchmarks/compile_jax_triton.py).
+  tk = min(bk, 64 if itemsize == 2 and bm * tn < 128 * 128 else 32)
+  warps = num_warps or (8 if bm * tn >= 128 * 64 else 4)
   (out,) = _jax_triton.call(
       spmm_kernel, ptr, inner, slot, a, w.blocks, m, a.shape[1], groups * bo,
       out_shape=[jax.ShapeDtypeStruct((m, groups * bo), a.dtype)],
@@ -141,7 +145,7 @@ def sddmm(a: jax.Array, b: jax.Array, w: BlockSparseMatrix, *, interpret: bool =
   m = a.shape[0]
   bm = block_m or _row_tile(m, 64)
   tr, tc = min(br, 128), min(bc, 128)
-  warps = num_warps or (8 if tr * tc >= 128 * 128 else 4)
+  warps = num_warps or (8 if tr * tc >= 128 * 64 else 4)
   (out,) = _jax_triton.call(
       sddmm_kernel, w.nnzb.reshape(1).astype(jnp.int32), w.row_idx, w.col_idx, a, b, m,
       a.shape[1], b.shape[1],

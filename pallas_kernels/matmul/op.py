@@ -23,6 +23,7 @@ _MODULES = {
     "xla_cpu": ("xla_cpu", None),
     "interpret": ("kernel_triton", True),
     "triton": ("kernel_triton", None),
+    "jax_triton": ("kernel_jax_triton", None),
     "tpu": ("kernel_tpu", None),
     "mosaic_gpu": ("kernel_mosaic_gpu", None),
 }
@@ -108,14 +109,17 @@ def bsr_matmul(
   Args:
     x: activations ``[..., in]``, float32, bfloat16 or float16.
     w: the weight (see :func:`bsr_from_dense`).
-    backend: ``None`` picks by platform (Mosaic GPU on Hopper for 16-bit inputs, Triton on other
-      GPUs and for float32, Mosaic TPU on TPU, ``"xla_cpu"`` on CPU); or one of
-      ``"mosaic_gpu"``, ``"triton"``, ``"tpu"``, ``"interpret"`` (the Triton kernel run by the
-      Pallas interpreter, any platform), ``"xla_cpu"`` (loops of GEMMs over the stored blocks in
+    backend: ``None`` picks by platform (Mosaic GPU on Hopper for 16-bit inputs; on sm_8x GPUs
+      the Triton-language kernels through jax-triton when the ``triton`` extra is installed;
+      Pallas Triton on other GPUs and for float32 on Hopper; Mosaic TPU on TPU; ``"xla_cpu"`` on
+      CPU); or one of ``"mosaic_gpu"``, ``"jax_triton"``, ``"triton"``, ``"tpu"``,
+      ``"interpret"`` (the Pallas Triton kernel run by the Pallas interpreter, any platform),
+      ``"xla_cpu"`` (loops of GEMMs over the stored blocks in
       plain XLA, tuned for XLA:CPU, any platform), ``"reference"`` (XLA through the dense weight:
       the correctness reference).
     interpret: run the chosen Pallas kernel in interpret mode (``"tpu"`` under
-      ``pltpu.InterpretParams()``, ``"mosaic_gpu"`` under the Mosaic GPU interpreter).
+      ``pltpu.InterpretParams()``, ``"mosaic_gpu"`` under the Mosaic GPU interpreter,
+      ``"jax_triton"`` in Triton's interpreter: any platform).
     path: name used in error messages.
 
   Returns:
