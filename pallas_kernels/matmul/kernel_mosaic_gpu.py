@@ -21,9 +21,11 @@ Schedule (``_persistent_mma``), the one jax's Hopper matmul uses, over a dynamic
 * Indices are read ahead: the memory warpgroup loads step ``k + 1``'s block indices while it
   issues step ``k``'s copies, and every warpgroup loads the next tile's metadata (and its first
   step's indices) at the start of the current tile, so no global load sits in front of a TMA.
-* Epilogue in ``64 x 64`` sub-tiles through two shared-memory slots per compute warpgroup: a
-  slot is rewritten only once the TMA store issued two sub-tiles earlier has read it, so the
-  stores of tile ``i`` drain while the MMAs of tile ``i + 1`` run.
+* Epilogue overlapped with the next tile's MMAs: a compute warpgroup converts tile ``i``'s
+  accumulator to 16 bits, carries it into tile ``i + 1`` and stores it once that tile's first
+  wgmma is in flight, in ``64 x 64`` sub-tiles through two shared-memory slots: a slot is
+  rewritten only once the TMA store issued two sub-tiles earlier has read it, so the TMA
+  stores drain under the MMAs too.
 
 * ``spmm``: tiles ``(output block, row tile)``; a tile's steps are its stored blocks, each split
   into ``bk // tk`` sub-steps. The two compute warpgroups split the tile's rows.
@@ -156,8 +158,8 @@ class _Schedule(NamedTuple):
     return jnp.minimum(i * self.num_sms + self._pos(i, sm), self.n_tiles - 1)
 
 
-def _persistent_mma(*, schedule, stages, acc_shape, tile_info, step_index, issue, mma, epilogue,
-                    loaded, consumed):
+def _persistent_mma(*, schedule, stages, acc_shape, out_dtype, tile_info, step_index, issue, mma,
+                    epilogue, loaded, consumed):
   """Warp-specialized persistent loop: ``acc = sum_k A_k @ B_k`` for every work tile.
 
   Both compute warpgroups and the memory warpgroup walk the same tiles and steps, carrying a
@@ -173,8 +175,9 @@ def _persistent_mma(*, schedule, stages, acc_shape, tile_info, step_index, issue
       empty); must stay in bounds for ``k == n_steps``.
     issue: ``(info, k, indices, buf) -> None`` issues step ``k``'s copies into buffer ``buf``.
     mma: ``(acc_ref, info, wg, buf) -> None`` issues warpgroup ``wg``'s wgmma on buffer ``buf``.
-    epilogue: ``(info, wg, acc, seq) -> None`` stores warpgroup ``wg``'s float32 accumulator of
-      its ``seq``-th tile.
+    epilogue: ``(info, wg, out, seq) -> None`` stores warpgroup ``wg``'s part ``out`` (in
+      ``out_dtype``) of its ``seq``-th tile. It runs while the next tile's first wgmma is in
+      flight.
   """
   sm, wg = lax.axis_index("sm"), lax.axis_index("wg")
   my_tiles = schedule.count(sm)
@@ -211,8 +214,14 @@ def _persistent_mma(*, schedule, stages, acc_shape, tile_info, step_index, issue
   def _compute():
     plgpu.set_max_registers(_COMPUTE_REGISTERS, action="increase")
 
+    def flush(pending):
+      p_info, p_out, p_seq = pending
+      epilogue(p_info, wg, p_out, p_seq)
+
     def tile(i, carry):
-      c, info = carry
+      # `pending`: the previous tile's output, already 16-bit; it is stored once this tile's
+      # first wgmma is in flight (or right away if this tile has no steps).
+      c, info, pending = carry
       nxt = info_of(i + 1)
       n_steps = info[0]
 
@@ -221,6 +230,11 @@ def _persistent_mma(*, schedule, stages, acc_shape, tile_info, step_index, issue
           buf = lax.rem(c, stages)
           plgpu.barrier_wait(loaded.at[buf])
           mma(acc_ref, info, wg, buf)
+
+          @pl.when((k == 0) & (i > 0))
+          def _():
+            flush(pending)
+
           plgpu.wgmma_wait(1)  # the wgmma of step c - 1 has retired: release its buffer
 
           @pl.when(k > 0)
@@ -230,6 +244,11 @@ def _persistent_mma(*, schedule, stages, acc_shape, tile_info, step_index, issue
           return c + 1
 
         c_end = lax.fori_loop(0, n_steps, step, c)
+
+        @pl.when((n_steps == 0) & (i > 0))
+        def _():
+          flush(pending)
+
         plgpu.wgmma_wait(0)
 
         @pl.when(n_steps > 0)
@@ -239,10 +258,12 @@ def _persistent_mma(*, schedule, stages, acc_shape, tile_info, step_index, issue
         return acc_ref[...], c_end
 
       acc, c = pl.run_scoped(acc_scope, plgpu.ACC(acc_shape, jnp.float32))
-      epilogue(info, wg, acc, i)
-      return c, nxt
+      return c, nxt, (info, acc.astype(out_dtype), i)
 
-    lax.fori_loop(0, my_tiles, tile, (jnp.int32(0), info_of(jnp.int32(0))))
+    info0 = info_of(jnp.int32(0))
+    no_output = plgpu.layout_cast(jnp.zeros(acc_shape, out_dtype), plgpu.Layout.WGMMA)
+    _, _, pending = lax.fori_loop(0, my_tiles, tile, (jnp.int32(0), info0, (info0, no_output, jnp.int32(0))))
+    flush(pending)  # every CTA has at least one tile
     plgpu.wait_smem_to_gmem(0)
 
 
@@ -366,7 +387,7 @@ def spmm(a: jax.Array, w: BlockSparseMatrix, *, transpose: bool = False, interpr
       _store_tiled(o_smem, acc, dst, wg, seq)
 
     _persistent_mma(
-        schedule=schedule, stages=stages, acc_shape=(wg_rows, bo), tile_info=tile_info,
+        schedule=schedule, stages=stages, acc_shape=(wg_rows, bo), out_dtype=dtype, tile_info=tile_info,
         step_index=step_index, issue=issue, mma=mma, epilogue=epilogue, loaded=loaded,
         consumed=consumed,
     )
@@ -478,7 +499,7 @@ def sddmm(a: jax.Array, b: jax.Array, w: BlockSparseMatrix, *, interpret: bool =
       _store_tiled(o_smem, acc, dst, wg, seq)
 
     _persistent_mma(
-        schedule=schedule, stages=stages, acc_shape=tiles.acc_shape, tile_info=tile_info,
+        schedule=schedule, stages=stages, acc_shape=tiles.acc_shape, out_dtype=w.dtype, tile_info=tile_info,
         step_index=lambda info, k: (), issue=issue, mma=mma, epilogue=epilogue, loaded=loaded,
         consumed=consumed,
     )
