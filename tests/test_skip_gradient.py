@@ -1,7 +1,7 @@
 """skip_gradient_on_update: exact for any optax optimizer, on both kinds of step.
 
-References: ``inner.update`` itself (ordinary steps must equal it bit for bit)
-and the incoming state (skipped steps must return it unchanged, with zero
+References: ``inner.update`` itself (ordinary steps must equal it bit for bit,
+to a few ulps for optimizers with reductions) and the incoming state (skipped steps must return it unchanged, with zero
 updates); through RigL, the moment reset applied to the incoming state and
 ``-W`` updates of exactly the untrained weights.
 """
