@@ -24,6 +24,8 @@ import contextlib
 import dataclasses
 import functools
 import importlib.util
+import inspect
+import os
 import re
 import subprocess
 import sys
@@ -181,6 +183,21 @@ def _run_interpreted(kernel, grid, constexprs, scalars, out_shapes, zeroed, *arr
   return tuple(outs)
 
 
+@functools.cache
+def _adapt_dce_rule():
+  """jax-triton 0.4.1 registers a 2-argument DCE rule ``(used_outs, eqn)``; jax 0.12 calls DCE
+  rules with ``(used_outs, live_ins, eqn)`` and every jit of a ``triton_call`` fails with
+  "takes 2 positional arguments but 3 were given". Adapts the registered rule to jax's calling
+  convention when they differ (the rule keeps every input, so ``live_ins`` is not needed)."""
+  from jax._src.interpreters import partial_eval as pe  # pylint: disable=g-import-not-at-top
+  from jax_triton import triton_lib  # pylint: disable=g-import-not-at-top
+  prim = triton_lib.triton_kernel_call_p
+  rule = pe.dce_rules.get(prim)
+  jax_arity = len(inspect.signature(pe._default_dce_rule).parameters)  # pylint: disable=protected-access
+  if rule is not None and jax_arity == 3 and len(inspect.signature(rule).parameters) == 2:
+    pe.dce_rules[prim] = lambda used_outs, live_ins, eqn: rule(used_outs, eqn)
+
+
 def call(kernel, *args, out_shape: Sequence[jax.ShapeDtypeStruct], grid: tuple[int, ...],
          interpret: bool = False, num_warps: int = 4, num_stages: int = 2, name: str = "",
          zeroed_outputs: Sequence[int] = (), **constexprs):
@@ -217,9 +234,20 @@ def call(kernel, *args, out_shape: Sequence[jax.ShapeDtypeStruct], grid: tuple[i
   if why:
     raise ImportError(why)
   import jax_triton  # pylint: disable=g-import-not-at-top
+  _adapt_dce_rule()
   cc = device_compute_capability()
+  # jax-triton 0.4 renamed out_shape= to out_type= (the old name warns).
+  params = inspect.signature(jax_triton.triton_call).parameters
+  out_kw = {"out_type" if "out_type" in params else "out_shape": out_shape}
+  # FP fusion (FMA contraction) stated: Triton 3.9 warns when it is left to its default, which
+  # changes in 3.10. jax-triton 0.3 takes it as an argument; 0.4 has none, so the environment
+  # variable Triton reads says it (unless the user set it).
+  if "enable_fp_fusion" in params:
+    out_kw["enable_fp_fusion"] = True
+  else:
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
   out = jax_triton.triton_call(
-      *args, kernel=kernel, out_shape=out_shape, grid=tuple(grid), name=name,
+      *args, kernel=kernel, **out_kw, grid=tuple(grid), name=name,
       num_warps=num_warps, num_stages=num_stages, compute_capability=cc,
       zeroed_outputs=tuple(zeroed_outputs), **constexprs)
   return tuple(out) if isinstance(out, (list, tuple)) else (out,)
@@ -287,7 +315,9 @@ def embedded_kernels(ir: str) -> list[dict]:
   []
   """
   found = []
-  call_re = r'custom_call @triton_kernel_call\([^\n]*?backend_config = "((?:[^"\\]|\\.)*)"'
+  # jax-triton 0.3: `custom_call @triton_kernel_call(...) {backend_config = "..."}`; 0.4:
+  # `custom_call @triton_kernel_call_ffi(...) {mhlo.backend_config = {opaque = "..."}}`.
+  call_re = r'custom_call @triton_kernel_call\w*\([^\n]*?(?:backend_config|opaque) = "((?:[^"\\]|\\.)+)"'
   for m in re.finditer(call_re, ir):
     any_call = _fields(zlib.decompress(_mlir_bytes(m.group(1))))
     calls = any_call.get(1, [])  # a single kernel call (autotuned calls hold several configs)
