@@ -220,7 +220,13 @@ def call(kernel, *args, out_shape: Sequence[jax.ShapeDtypeStruct], grid: tuple[i
   capability (a compile-only device of :mod:`pallas_kernels.aot` included).
 
   >>> import jax.numpy as jnp
-  >>> from pallas_kernels.matmul import kernel_jax_triton as k  # doctest: +SKIP
+  >>> from pallas_kernels.matmul import kernel_jax_triton as k
+  >>> one, zero, a = jnp.ones(1, jnp.int32), jnp.zeros(1, jnp.int32), jnp.ones((16, 16))
+  >>> (out,) = call(k.sddmm_kernel, one, zero, zero, a, a, 16, 16, 16,
+  ...               out_shape=[jax.ShapeDtypeStruct((1, 16, 16), jnp.float32)], grid=(1, 1, 1),
+  ...               interpret=True, BM=16, TR=16, TC=16, BR=16, BC=16, PRECISION="ieee")
+  >>> float(out[0, 0, 0])  # one stored block: a^T a over 16 rows
+  16.0
   """
   out_shape = tuple(jax.ShapeDtypeStruct(s.shape, s.dtype) for s in out_shape)
   if interpret:

@@ -7,8 +7,8 @@ Nothing runs on a device: a compile says a program is accepted and how much memo
 not that it is correct or fast.
 
 Targets (:data:`TARGETS`): ``"tpu:v5e"``, ``"tpu:v6e"``, ``"tpu:v5p"`` (one chip of a 2x2 slice),
-``"cuda:h100"``, ``"cuda:h200"``, ``"cuda:a100"`` (one GPU), and slices for sharded programs: ``"tpu:v5e-8"``,
-``"tpu:v6e-8"``, ``"tpu:v5p-8"``, ``"cuda:h100x8"``, ``"cuda:h200x8"``.
+``"cuda:h100"``, ``"cuda:h200"``, ``"cuda:a100"`` (one GPU), and slices for sharded programs:
+``"tpu:v5e-8"``, ``"tpu:v6e-8"``, ``"tpu:v5p-8"``, ``"cuda:h100x8"``, ``"cuda:h200x8"``.
 
 Needs the optional ``aot`` extra (``pip install -e ".[aot]"``: ``jax[tpu,cuda12-local]`` at the
 installed jax version) and, for GPUs, a ``ptxas`` that accepts the PTX that jax emits (CUDA >= 12.8
