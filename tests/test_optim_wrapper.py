@@ -169,7 +169,8 @@ def test_non_finite_grads_leave_masks_and_params(placement, bad):
   p = optax.apply_updates(p, u)
   m0, p0 = so.get_masks(s), p
   g = grads_like(p, 1)
-  g["fc1"]["kernel"] = g["fc1"]["kernel"].at[3, 4].set(bad)
+  i, j = np.argwhere(np.asarray(m0["fc1"]["kernel"]))[0]  # a trained entry: its grad reaches the inner
+  g["fc1"]["kernel"] = g["fc1"]["kernel"].at[i, j].set(bad)
   u, s = step(p, s, g)  # a mask-update step with a non-finite gradient
   p = optax.apply_updates(p, u)
   if placement == "outer":  # apply_if_finite drops the whole step

@@ -36,15 +36,17 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 from jax.experimental import checkify
 
+from sparsejax.core import scores as _scores
 from sparsejax.core import selection as _sel
 from sparsejax.core.paths import path_str, select
 from sparsejax.core.patterns import Block, Channel, Unstructured, as_pattern
 
 PyTree = Any
 
-__all__ = ["prune", "prune_global", "drop_and_grow", "regrow"]
+__all__ = ["prune", "random_prune", "prune_global", "drop_and_grow", "regrow"]
 
 
 def _is_none(x) -> bool:
@@ -337,8 +339,103 @@ def _prune_unstructured(scores, sparsities, masks):
   (:func:`sparsejax.core.selection.leafwise_topk_masks`), so compile time does not grow
   with the number of leaves.
   """
-  ks = [_sel.num_to_keep(sc.size, 1.0 - _unit_value(s)) for sc, s in zip(scores, sparsities)]
+  sp = jnp.stack([jnp.asarray(s, jnp.float32) for s in sparsities])  # all leaves in one vector op
+  ks = _sel.keep_counts([sc.size for sc in scores], 1.0 - jnp.where(jnp.isnan(sp), 0.0, sp))
   return _sel.leafwise_topk_masks(list(scores), ks, masks=list(masks))
+
+
+# Rounds of the swap-or-not shuffle (Hoang, Morris and Rogaway 2012) behind random_prune: every
+# round is an involution of [0, n), so any number of rounds gives a bijection (exact counts);
+# more rounds only make the permutation closer to uniform.
+_SHUFFLE_ROUNDS = 12
+
+
+def _shuffled_index(n: int, count: int, round_keys, round_words) -> jax.Array:
+  """``[count, n]``: row ``i`` a keyed pseudo-random permutation of ``[0, n)`` (swap-or-not).
+
+  The rounds run in a loop (one small kernel whatever their number).
+  """
+  nn = jnp.uint32(n)
+
+  def one_round(r, x):
+    kr = lax.dynamic_index_in_dim(round_keys, r, 1)  # [count, 1]
+    wr = lax.dynamic_index_in_dim(round_words, r, 1)
+    partner = jnp.where(x <= kr, kr - x, kr + nn - x)  # (kr - x) mod n
+    swap = (_scores._fmix32(jnp.maximum(x, partner) ^ wr) & jnp.uint32(1)) != 0
+    return jnp.where(swap, partner, x)
+
+  x = lax.broadcasted_iota(jnp.uint32, (count, n), 1)
+  return lax.fori_loop(0, _SHUFFLE_ROUNDS, one_round, x)
+
+
+@functools.partial(jax.jit, static_argnames=("shapes",))
+def _random_masks(key, sparsities, *, shapes):
+  """Exact-count uniform random masks: entry kept iff its shuffled index < k (no selection).
+
+  Per-leaf scalars (counts, round keys) are computed for all leaves in one vector
+  operation, and leaves of one size are shuffled together: on XLA:CPU every
+  separate kernel costs compile time.
+  """
+  sizes = np.asarray([int(np.prod(sh)) for sh in shapes], np.int64)
+  s = jnp.stack([jnp.asarray(x, jnp.float32) for x in sparsities])
+  ks = _sel.keep_counts(sizes, 1.0 - jnp.where(jnp.isnan(s), 0.0, s)).astype(jnp.uint32)
+  salts = np.arange(len(shapes) * _SHUFFLE_ROUNDS).reshape(len(shapes), _SHUFFLE_ROUNDS)
+  w0, w1 = _scores._stream_words(key, salts)  # every leaf's round words in one vector op
+  round_keys = w0 % jnp.asarray(np.maximum(sizes, 1).astype(np.uint32))[:, None]
+  out = [None] * len(shapes)
+  for n in dict.fromkeys(sizes.tolist()):
+    members = np.flatnonzero(sizes == n)
+    kept = _shuffled_index(int(n), len(members), round_keys[members], w1[members]) < ks[members][:, None]
+    for row, i in enumerate(members):
+      out[i] = kept[row].reshape(shapes[i])
+  return out
+
+
+def random_prune(params: PyTree, sparsity, key, *, masks: PyTree | None = None,
+                 selection: PyTree | None = None):
+  """Per-leaf random pruning with exact counts, without scores or a selection.
+
+  Keeps ``clip(round(size * (1 - sparsity)), 1, size)`` entries of every
+  prunable leaf (as :func:`prune`), chosen uniformly at random: an entry is
+  kept iff its flat index, shuffled by a keyed swap-or-not permutation
+  (Hoang, Morris and Rogaway 2012), is below that count. One elementwise pass
+  per leaf, so it compiles and runs far faster than :func:`prune` with
+  random scores (a selection per leaf shape); the masks differ from those,
+  not their distribution. Which leaves are pruned: as in :func:`prune`
+  (``masks`` only selects leaves here: their values are not read).
+
+  Args:
+    params: parameter pytree.
+    sparsity: scalar or per-leaf tree in ``[0, 1)`` (may be traced; clamped).
+    key: a ``jax.random`` key (or raw uint32 key data).
+    masks: optional mask tree; its non-None leaves are the pruned ones.
+    selection: optional bool tree of prunable leaves (default: ``ndim >= 2``).
+
+  Returns:
+    ``(pruned params, masks)``.
+
+  >>> import jax, jax.numpy as jnp
+  >>> p, m = random_prune({"w": jnp.ones((4, 8)), "b": jnp.ones(8)}, 0.75, jax.random.key(0))
+  >>> int(m["w"].sum()), m["b"] is None, float(p["w"].sum())
+  (8, True, 8.0)
+  """
+  fn = "random_prune"
+  if isinstance(sparsity, (str, bytes)):
+    raise TypeError(f"{fn}: sparsity={sparsity!r} is a string; pass a number in [0, 1) (e.g. 0.5) "
+                    "or a per-leaf tree of numbers.")
+  paths, leaves, treedef, _, active = _prunable(fn, params, masks, sparsity, selection)
+  sp = _per_leaf(sparsity, paths, active, "sparsity", fn)
+  chosen = [i for i, a in enumerate(active) if a]
+  for i in chosen:
+    _check_unit(sp[i], "sparsity", fn, paths[i])
+  new_p, new_m = list(leaves), [None] * len(leaves)
+  if chosen:
+    got = _random_masks(key, [sp[i] for i in chosen],
+                        shapes=tuple(tuple(np.shape(leaves[i])) for i in chosen))
+    for i, m in zip(chosen, got):
+      new_m[i] = m
+      new_p[i] = _zero_out(leaves[i], m)
+  return jax.tree.unflatten(treedef, new_p), jax.tree.unflatten(treedef, new_m)
 
 
 @functools.partial(jax.jit, static_argnames=("normalize",))
@@ -421,10 +518,9 @@ def _n_true(m):
 @jax.jit
 def _drop_grow_leaves(leaves, ms, fs, ds, gs):
   """Drop then grow in every leaf; same-shape leaves share one compiled selection per step."""
-  n_active = [_n_true(m) for m in ms]
-  n_drop = [_count_of(f, n) for f, n in zip(fs, n_active)]
-  kept = _sel.leafwise_topk_masks(list(ds), [a - d for a, d in zip(n_active, n_drop)],
-                                  masks=list(ms))
+  n_active = jnp.stack([_n_true(m) for m in ms])  # per-leaf counts as vectors: one kernel each
+  n_drop = _count_of(jnp.stack([jnp.asarray(f, jnp.float32) for f in fs]), n_active)
+  kept = _sel.leafwise_topk_masks(list(ds), n_active - n_drop, masks=list(ms))
   grow = _sel.leafwise_topk_masks(list(gs), n_drop,
                                   masks=[_sel.LazyScores(jnp.logical_not, k) for k in kept])
   return [(_zero_out(leaf, k), k | g, g) for leaf, k, g in zip(leaves, kept, grow)]

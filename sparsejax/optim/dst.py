@@ -29,56 +29,13 @@ import optax
 from sparsejax import schedules
 from sparsejax.core import pruning as core_pruning
 from sparsejax.core.patterns import NM
+from sparsejax.core.scores import hash_random_scores, hash_scores, hash_uniform
 from sparsejax.core.selection import LazyScores
 from sparsejax.optim import grid
-from sparsejax.optim.pruning import (check_distribution, check_scores,
-                                     initial_scores, prune_to)
+from sparsejax.optim.pruning import check_distribution, check_scores, initial_masks
 from sparsejax.optim.wrapper import MaskPolicy, selected_masks, sparse_wrapper
 
 __all__ = ["dynamic_sparse", "set_training", "rigl", "hash_uniform", "hash_scores"]
-
-
-def _fmix32(x):
-  """murmur3's 32-bit finaliser (a bijection with full avalanche)."""
-  x = x ^ (x >> 16)
-  x = x * jnp.uint32(0x85EBCA6B)
-  x = x ^ (x >> 13)
-  x = x * jnp.uint32(0xC2B2AE35)
-  return x ^ (x >> 16)
-
-
-def hash_uniform(key, shape, salt: int = 0) -> jax.Array:
-  """Uniform ``[0, 1)`` float32 scores from a counter hash of the flat index.
-
-  A cheap alternative to ``jax.random.uniform`` for SET's growth scores (a few
-  integer ops per entry instead of Threefry): deterministic given ``key``,
-  independent of device layout (a pure function of each entry's global
-  index), distinct streams for distinct ``salt`` (leaf number).
-
-  >>> u = hash_uniform(jax.random.key(0), (1000,))
-  >>> bool((u >= 0).all() & (u < 1).all()), round(float(u.mean()), 1)
-  (True, 0.5)
-  """
-  return hash_scores(key, shape, salt).evaluate()
-
-
-def _hash_at(w0, w1, index):
-  x = _fmix32(index.astype(jnp.uint32) * jnp.uint32(0x9E3779B1) + w0)
-  x = _fmix32(x ^ w1)
-  return (x >> 8).astype(jnp.float32) * jnp.float32(2.0**-24)
-
-
-def hash_scores(key, shape, salt: int = 0) -> LazyScores:
-  """:func:`hash_uniform` as :class:`~sparsejax.core.selection.LazyScores`.
-
-  The selection evaluates the hash inside its passes; no score array is stored.
-
-  >>> s = hash_scores(jax.random.key(0), (4, 3))
-  >>> bool((s.evaluate() == hash_uniform(jax.random.key(0), (4, 3))).all())
-  True
-  """
-  words = jax.random.bits(jax.random.fold_in(key, salt), (2,), jnp.uint32)
-  return LazyScores(_hash_at, words[0], words[1], shape=tuple(shape), index=True)
 
 
 def dynamic_sparse(
@@ -139,8 +96,9 @@ def dynamic_sparse(
   >>> s = tx.init(p)
   >>> u, s = tx.update({'w': jnp.ones((4, 2))}, s, p)
   >>> from sparsejax.optim import get_masks
-  >>> int(get_masks(s)['w'].sum()), int((optax.apply_updates(p, u)['w'] != 0).sum())
-  (4, 3)
+  >>> m, new_p = get_masks(s)['w'], optax.apply_updates(p, u)['w']
+  >>> int(m.sum()), bool((new_p[~m] == 0).all())  # 4 kept; the others exactly zero
+  (4, True)
   """
   if sparsity is None and masks is None:
     raise ValueError("dynamic sparse training needs a sparsity (or explicit masks)")
@@ -175,8 +133,7 @@ def dynamic_sparse(
       grid.check_masks(pattern, given)
       return given
     sel = selected_masks(params, include, exclude)
-    return prune_to(params, initial_scores(params, init_scores, k), sparsity,
-                    distribution, sel, pattern)
+    return initial_masks(params, init_scores, k, sparsity, distribution, sel, pattern)
 
   def is_update_step(step):
     step = jnp.asarray(step)
@@ -188,9 +145,7 @@ def dynamic_sparse(
     if grow == "gradient":  # RigL: |dense gradient|
       grow_scores = jax.tree.map(lambda g: LazyScores(jnp.abs, g), grads)
     else:  # SET: uniform random growth (cheap counter hash, see hash_uniform)
-      leaves, tdef = jax.tree.flatten(params)
-      grow_scores = jax.tree.unflatten(
-          tdef, [hash_scores(k, jnp.shape(x), i) for i, x in enumerate(leaves)])
+      grow_scores = hash_random_scores(params, k)
     _, new, grown = core_pruning.drop_and_grow(params, old, None, grow_scores, alpha)
     return new, grown
 
