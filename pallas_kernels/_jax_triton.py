@@ -193,7 +193,8 @@ def _adapt_dce_rule():
   from jax_triton import triton_lib  # pylint: disable=g-import-not-at-top
   prim = triton_lib.triton_kernel_call_p
   rule = pe.dce_rules.get(prim)
-  jax_arity = len(inspect.signature(pe._default_dce_rule).parameters)  # pylint: disable=protected-access
+  default_rule = pe._default_dce_rule  # pylint: disable=protected-access
+  jax_arity = len(inspect.signature(default_rule).parameters)
   if rule is not None and jax_arity == 3 and len(inspect.signature(rule).parameters) == 2:
     pe.dce_rules[prim] = lambda used_outs, live_ins, eqn: rule(used_outs, eqn)
 
@@ -323,7 +324,8 @@ def embedded_kernels(ir: str) -> list[dict]:
   found = []
   # jax-triton 0.3: `custom_call @triton_kernel_call(...) {backend_config = "..."}`; 0.4:
   # `custom_call @triton_kernel_call_ffi(...) {mhlo.backend_config = {opaque = "..."}}`.
-  call_re = r'custom_call @triton_kernel_call\w*\([^\n]*?(?:backend_config|opaque) = "((?:[^"\\]|\\.)+)"'
+  call_re = (r'custom_call @triton_kernel_call\w*\([^\n]*?(?:backend_config|opaque) = '
+             r'"((?:[^"\\]|\\.)+)"')
   for m in re.finditer(call_re, ir):
     any_call = _fields(zlib.decompress(_mlir_bytes(m.group(1))))
     calls = any_call.get(1, [])  # a single kernel call (autotuned calls hold several configs)
@@ -356,8 +358,9 @@ def kernel_stats(ir: str):
       with open(path, "w") as f:
         f.write(ptx)
       arch = re.search(r"^\.target\s+(\S+)", ptx, re.M)
-      proc = subprocess.run([aot._ptxas(), "-v", f"-arch={arch.group(1) if arch else 'sm_80'}",  # pylint: disable=protected-access
-                             path, "-o", f"{tmp}/out.cubin"],
+      ptxas = aot._ptxas()  # pylint: disable=protected-access
+      proc = subprocess.run([ptxas, "-v", f"-arch={arch.group(1) if arch else 'sm_80'}", path,
+                             "-o", f"{tmp}/out.cubin"],
                             capture_output=True, text=True, check=False, timeout=600)
     stats += [dataclasses.replace(k, smem=k.smem + kernel["shared_mem_bytes"])
               for k in aot.parse_ptxas(proc.stdout + proc.stderr, "jax_triton")]

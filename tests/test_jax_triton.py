@@ -135,7 +135,8 @@ def test_attention_forward_and_grads_match_float64(name):
     out, lse = block_sparse_attention(q, k, v, mask, backend="jax_triton", interpret=True,
                                       return_lse=True)
     finite = jnp.where(jnp.isfinite(lse), lse, 0.0)
-    return jnp.sum(out * do.astype(np.float32)) + jnp.sum(finite * dl.astype(np.float32)), (out, lse)
+    value = jnp.sum(out * do.astype(np.float32)) + jnp.sum(finite * dl.astype(np.float32))
+    return value, (out, lse)
 
   (_, (out, lse)), grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v)
   ref_out, ref_lse = numpy_attention(q, k, v, mask.to_dense())

@@ -56,8 +56,8 @@ def _allowed(bits_ref, bits_row, q_pos, kv_pos, past_full, SKV: tl.constexpr, W:
   ok = in_rows & in_keys
   if HAS_MASK:
     partial = past_full >= 0
-    words = tl.load(bits_ref + (bits_row + q_pos[:, None]).to(tl.int64) * W + (kv_pos[None, :] >> 5),
-                    mask=tl.where(partial, ok, False), other=-1)
+    word_ptr = bits_ref + (bits_row + q_pos[:, None]).to(tl.int64) * W + (kv_pos[None, :] >> 5)
+    words = tl.load(word_ptr, mask=tl.where(partial, ok, False), other=-1)
     bit = (words >> (kv_pos[None, :] & 31)) & 1
     ok = ok & (bit != 0)
   return ok
