@@ -36,7 +36,9 @@ def test_state_split_params_and_indices():
   assert set(params.keys()) == {"blocks", "bias"}
   assert params["blocks"][...].shape == (2, 16, 32)
   indices = nnx.state(layer, BlockSparseIndex)
-  assert set(indices.keys()) == {"row_ptr", "row_idx", "col_idx", "col_ptr", "col_slot"}
+  assert set(indices.keys()) == {"row_ptr", "row_idx", "col_idx", "col_ptr", "col_slot", "row_order",
+                                 "col_order"}
+  assert layer.weight.row_order is not None and layer.weight.col_order is not None  # no per-call sort
   no_bias = BlockSparseDense(32, 64, block_shape=(16, 32), use_bias=False, rngs=nnx.Rngs(0))
   assert set(nnx.state(no_bias, nnx.Param).keys()) == {"blocks"}
   assert no_bias.blocks[...].shape == (4, 16, 32)  # default mask: all blocks

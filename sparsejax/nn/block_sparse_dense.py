@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from typing import Any
 
 import jax
@@ -10,7 +12,9 @@ from flax import nnx
 
 from pallas_kernels.matmul import BlockSparseMatrix, bsr_from_dense, bsr_matmul
 
-_INDEX_FIELDS = ("row_ptr", "row_idx", "col_idx", "col_ptr", "col_slot")
+# The index arrays of the format, including its precomputed heaviest-first visit orders
+# (without them the GPU kernels would sort on every call).
+_INDEX_FIELDS = ("row_ptr", "row_idx", "col_idx", "col_ptr", "col_slot", "row_order", "col_order")
 
 
 class BlockSparseIndex(nnx.Variable):
@@ -78,13 +82,14 @@ class BlockSparseDense(nnx.Module):
   @property
   def weight(self) -> BlockSparseMatrix:
     """The kernel as a :class:`pallas_kernels.BlockSparseMatrix`."""
-    return BlockSparseMatrix(self.blocks[...], *(getattr(self, n)[...] for n in _INDEX_FIELDS), self.shape)
+    return BlockSparseMatrix(blocks=self.blocks[...], shape=self.shape,
+                             **{n: getattr(self, n)[...] for n in _INDEX_FIELDS})
 
   def __call__(self, x: jax.Array) -> jax.Array:
     w = self.weight
     if self.dtype is not None:
       x = x.astype(self.dtype)
-      w = BlockSparseMatrix(w.blocks.astype(self.dtype), *(getattr(w, n) for n in _INDEX_FIELDS), w.shape)
+      w = dataclasses.replace(w, blocks=w.blocks.astype(self.dtype))
     y = bsr_matmul(x, w, backend=self.backend, path="kernel")
     if self.bias is not None:
       y = y + self.bias[...].astype(y.dtype)
