@@ -19,8 +19,8 @@ Structure of the forward and dQ kernels (three warpgroups per CTA):
   * the compute warpgroups run ``wgmma`` for ``q k^T`` and ``p v``, an online
     softmax in the exp2 domain, and the token mask only in the second loop (the
     schedule lists full blocks first, then partial ones).
-Backward: a dQ kernel with the same structure (streams K/V), and a dK/dV kernel
-with one CTA per (kv head, 128-row kv-block, batch) whose memory warpgroup
+Backward: a dQ kernel with the same structure (streams K/V), and a dK/dV kernel,
+persistent in the same way over (batch, kv head, 128-row kv-block) items, whose memory warpgroup
 streams Q/dO/LSE/delta blocks over the transposed schedules of all query heads
 of the GQA group (so dK/dV need no extra reduction). Each visited q-block is processed
 in two 64-column halves, so that S^T, P^T and dP^T fit in registers beside the dK and dV
@@ -100,8 +100,12 @@ def _work_items(counts, dims: Dims):
   >>> _work_items(jnp.array([[[3, 1], [0, 4]]]), d).tolist()
   [3, 0, 1, 2]
   """
-  cost = mask_rows(counts, dims).reshape(-1)
-  return jnp.argsort(-cost, stable=True).astype(jnp.int32)
+  return _longest_first(mask_rows(counts, dims))
+
+
+def _longest_first(cost):
+  """Flat indices of ``cost`` (visited blocks per work item) in decreasing order, ties stable."""
+  return jnp.argsort(-cost.reshape(-1), stable=True).astype(jnp.int32)
 
 
 def _smem_bytes(scratch) -> int:
@@ -637,7 +641,8 @@ def _group_schedule(block_mask: BlockMask, dims: Dims):
 
 
 def _dkv_kernel(dims: Dims, *, scale: float, fn, n_qd: int, n_kd: int, mc: int, dtype,
-                interpret: bool):
+                interpret: bool, num_ctas: int):
+  """The dK/dV kernel body: persistent over (batch, kv head, kv-block) items, as the forward."""
   plgpu = _plgpu()
   bkw, bq, d, g = _WG_ROWS, dims.q_block, dims.head_dim, dims.group
   hw = _WG_ROWS  # q columns per sub-step
@@ -646,29 +651,35 @@ def _dkv_kernel(dims: Dims, *, scale: float, fn, n_qd: int, n_kd: int, mc: int, 
   row_layout, col_layout = wgmma_layout.reduce(1), wgmma_layout.reduce(0)
   shape = (bkw, hw)
 
-  def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, ent_ref, nfull_ref, ntotal_ref,
-             *rest):
+  def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, items_ref, ent_ref, nfull_ref,
+             ntotal_ref, *rest):
     it = iter(rest)
     qd_ref = next(it) if n_qd else None
     kd_ref = next(it) if n_kd else None
     dk_ref, dv_ref, scoped = next(it), next(it), next(it)
     (k_smem2, v_smem2, kd_smem2, q_smem, do_smem, row_smem, qd_smem, a_smem2, kv_bars,
      slot_bars, consumed) = scoped
-    b = lax.axis_index("batch")
-    hk = lax.axis_index("heads")
-    j = lax.axis_index("kv_seq")
+    cta = lax.axis_index("cta")
     wg = lax.axis_index("wg")
-    mb = b if dims.mask_batch > 1 else 0
-    n_full = nfull_ref[mb, hk, j]
-    n_total = ntotal_ref[mb, hk, j]
+    n_mine = lax.div(items_ref.shape[0] - 1 - cta, jnp.array(num_ctas, cta.dtype)) + 1
+    div = lambda x, n: lax.div(x, jnp.array(n, x.dtype))
+    rem = lambda x, n: lax.rem(x, jnp.array(n, x.dtype))
 
-    def decode(t):
-      e = ent_ref[mb, hk, j, t]
-      return lax.div(e, jnp.array(g, e.dtype)), lax.rem(e, jnp.array(g, e.dtype))
+    def work(i):
+      """Batch, kv head, kv-block, mask batch and counts of this CTA's item i."""
+      w = items_ref[cta + i * num_ctas]
+      j, bh = rem(w, dims.nk), div(w, dims.nk)
+      b, hk = div(bh, dims.num_kv_heads), rem(bh, dims.num_kv_heads)
+      mb = b if dims.mask_batch > 1 else 0
+      return b, hk, j, mb, nfull_ref[mb, hk, j], ntotal_ref[mb, hk, j]
 
-    @pl.when(wg < _COMPUTE_WGS)
-    def _compute():
-      plgpu.set_max_registers(232, action="increase")
+    def compute_item(i, base):
+      b, hk, j, mb, n_full, n_total = work(i)
+
+      def decode(t):
+        e = ent_ref[mb, hk, j, t]
+        return div(e, g), rem(e, g)
+
       k_smem, v_smem = k_smem2.at[wg], v_smem2.at[wg]
       a_smem = None if a_smem2 is None else a_smem2.at[wg]
       kv_base = j * (2 * bkw) + wg * bkw
@@ -687,7 +698,7 @@ def _dkv_kernel(dims: Dims, *, scale: float, fn, n_qd: int, n_kd: int, mc: int, 
 
       def step(t, carry, partial):
         dk, dv = carry
-        slot = lax.rem(t, jnp.array(mc, t.dtype))
+        slot = rem(base + t, mc)
         qi, _ = decode(t)
         for bar in slot_bars[:4]:
           plgpu.barrier_wait(bar.at[slot])
@@ -739,11 +750,11 @@ def _dkv_kernel(dims: Dims, *, scale: float, fn, n_qd: int, n_kd: int, mc: int, 
       plgpu.copy_smem_to_gmem(k_smem, dk_ref.at[b, rows, hk], commit_group=False)
       plgpu.copy_smem_to_gmem(v_smem, dv_ref.at[b, rows, hk], commit_group=False)
       plgpu.commit_smem_to_gmem_group()
-      plgpu.wait_smem_to_gmem(0)
+      plgpu.wait_smem_to_gmem(0)  # k_smem / v_smem are reused by the next item
+      return base + n_total
 
-    @pl.when(wg == _COMPUTE_WGS)
-    def _memory():
-      plgpu.set_max_registers(40, action="decrease")
+    def memory_item(i, base):
+      b, hk, j, mb, n_full, n_total = work(i)
 
       def entry(t):  # clamped: the read one step ahead may pass the schedule's end
         return ent_ref[mb, hk, j, jnp.minimum(t, g * dims.nq - 1)]
@@ -764,18 +775,28 @@ def _dkv_kernel(dims: Dims, *, scale: float, fn, n_qd: int, n_kd: int, mc: int, 
             plgpu.copy_gmem_to_smem(qd_ref.at[mb, :, rows], qd_smem.at[slot],
                                     slot_bars[4].at[slot])
 
-      for i in range(mc):
-        pl.when(i < n_total)(lambda i=i: issue(i, entry(i), i))
-
-      # As in the forward: the next entry is read one step ahead of its consumed barrier.
+      # As in the forward: ring step base + t reuses its slot once step base + t - mc has
+      # released it, and the next entry is read one step ahead of that consumed barrier.
       def stream(t, e):
-        slot = lax.rem(t, jnp.array(mc, t.dtype))
-        e_next = entry(t + mc + 1)
-        plgpu.barrier_wait(consumed.at[slot])
-        issue(t + mc, e, slot)
+        step = base + t
+        slot = rem(step, mc)
+        e_next = entry(t + 1)
+        pl.when(step >= mc)(lambda: plgpu.barrier_wait(consumed.at[slot]))
+        issue(t, e, slot)
         return e_next
 
-      lax.fori_loop(0, jnp.maximum(n_total - mc, 0), stream, entry(mc))
+      lax.fori_loop(0, n_total, stream, entry(0))
+      return base + n_total
+
+    @pl.when(wg < _COMPUTE_WGS)
+    def _compute():
+      plgpu.set_max_registers(232, action="increase")
+      lax.fori_loop(0, n_mine, compute_item, jnp.int32(0))
+
+    @pl.when(wg == _COMPUTE_WGS)
+    def _memory():
+      plgpu.set_max_registers(40, action="decrease")
+      lax.fori_loop(0, n_mine, memory_item, jnp.int32(0))
 
   return kernel
 
@@ -818,17 +839,19 @@ def flash_bwd(q, k, v, d_out, lse, delta, block_mask: BlockMask, dims: Dims, *, 
   n_kd = 0 if kd is None else kd.shape[1]
   mc = _ring_depth(config, dims.nq * dims.group, lambda depth: _dkv_scratch(
       dims, n_qd, n_kd, depth, q.dtype, interpret=False))
+  items = _longest_first(jnp.broadcast_to(n_total, (dims.batch,) + n_total.shape[1:]))
+  num_ctas = _num_ctas(items.shape[0], interpret)
   kernel = _dkv_kernel(dims, scale=scale, fn=_mask_fn(block_mask), n_qd=n_qd, n_kd=n_kd, mc=mc,
-                       dtype=q.dtype, interpret=interpret)
+                       dtype=q.dtype, interpret=interpret, num_ctas=num_ctas)
   scratch = _dkv_scratch(dims, n_qd, n_kd, mc, q.dtype, interpret)
-  args = [qp, kp, vp, dop, lse2, delta_p, entries, n_full, n_total]
+  args = [qp, kp, vp, dop, lse2, delta_p, items, entries, n_full, n_total]
   args += [x for x in (qd, kd) if x is not None]
   with _interpret_context(interpret):
     dk, dv = plgpu.kernel(
         kernel, out_type=[jax.ShapeDtypeStruct(kp.shape, k.dtype),
                           jax.ShapeDtypeStruct(vp.shape, v.dtype)],
-        scratch_types=[scratch], grid=(dims.num_kv_heads, dims.nk, dims.batch),
-        grid_names=("heads", "kv_seq", "batch"), num_threads=_COMPUTE_WGS + 1, thread_name="wg",
+        scratch_types=[scratch], grid=(num_ctas,), grid_names=("cta",),
+        num_threads=_COMPUTE_WGS + 1, thread_name="wg",
         compiler_params=_compiler_params(),
         **_cost.kernel_kwargs(plgpu.kernel, _cost.attention(
             dims, block_mask, "dkv", jnp.dtype(q.dtype).itemsize)),
