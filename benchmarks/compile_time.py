@@ -25,6 +25,12 @@ run-time advantage over concatenate + top_k.
 
     python benchmarks/compile_time.py --blocks 12 24
     python benchmarks/compile_time.py --blocks 12 --only rigl,set
+    python benchmarks/compile_time.py --blocks 12 --only rigl --floor
+
+``--floor`` measures what is left without the per-leaf selection: every
+``leafwise_topk_masks`` call is replaced by ``scores > 0`` (wrong masks, same
+program otherwise), so the rows show the cost of the rest of the sparse
+step (masking, projection, counts, the mask-update ``lax.cond``).
 """
 
 from __future__ import annotations
@@ -162,7 +168,19 @@ def main():
   ap.add_argument("--only", default=None, help="comma-separated transformation names")
   ap.add_argument("--repeats", type=int, default=3, help="timed runs of the global selection")
   ap.add_argument("--no-global", action="store_true", help="skip the global selection rows")
+  ap.add_argument("--floor", action="store_true",
+                  help="replace the per-leaf selection by scores > 0 (the cost of everything else)")
   args = ap.parse_args()
+  if args.floor:
+    from sparsejax.core import selection  # pylint: disable=import-outside-toplevel
+
+    def no_selection(scores, k, *, masks=None, score_fn=None, method="auto", radix_bits=None):
+      del k, method, radix_bits
+      _, leaves, _ = selection._flatten(scores, masks, score_fn)
+      return jax.tree.unflatten(jax.tree.structure(scores, is_leaf=selection.is_lazy),
+                                [leaf.evaluate() > 0 for leaf in leaves])
+    selection.leafwise_topk_masks = no_selection
+    print("FLOOR: per-leaf selection replaced by scores > 0 (masks are not the method's)")
   names = list(transformations())
   if args.only:
     names = [n for n in names if n in args.only.split(",")]
