@@ -315,6 +315,11 @@ def sparse_wrapper(inner: optax.GradientTransformation | None, policy: MaskPolic
     if policy.update_masks is not None:
       is_upd = jnp.asarray(policy.is_update_step(step), bool)
     masked_nonzero = _check_masked_nonzero(policy, state, params, is_upd)
+    # Always True, but XLA cannot know: the final updates of masked leaves
+    # read it, so the check is ordered before the step overwrites the donated
+    # params in place. Without that data dependence XLA:CPU copies every
+    # checked kernel first (16 MiB per step on the 4.2M-parameter benchmark MLP).
+    checked = masked_nonzero >= -1
 
     if policy.update_masks is not None:
 
@@ -397,7 +402,7 @@ def sparse_wrapper(inner: optax.GradientTransformation | None, policy: MaskPolic
       if m is None or hard_now is False:
         return u
       keep = m if hard_now is True else (m | ~hard_now)
-      return jnp.where(keep, u, -w.astype(u.dtype))
+      return jnp.where(keep & checked, u, -w.astype(u.dtype))
 
     out = jax.tree.map(project, train, inner_updates, params, is_leaf=_is_none)
 
