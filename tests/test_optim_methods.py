@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import sparsejax.optim as so
-from sparsejax.core.patterns import nm_mask
+from sparsejax.core.patterns import NM, nm_mask
 from test_patterns import ref_nm
 
 
@@ -246,3 +246,19 @@ def test_sdgf_geometric_and_custom():
     _, s = upd({"w": jnp.ones((64, 3))}, s, p)
   assert counts == [3, 3, 2, 2, 1, 1]
 
+
+
+def test_nm_methods_group_along_the_pattern_axis():
+  # axis=None takes the NM pattern's axis in every N:M factory (ste, srste, mdgf, sdgf);
+  # an explicit axis wins.
+  w = jax.random.normal(jax.random.key(5), (4, 8))
+  p, a = {"w": w}, np.abs(np.asarray(w))
+  nm = NM(1, 4, axis=-1)
+  cases = [(so.ste(optax.sgd(0.1), nm=nm), 1, -1),
+           (so.srste(optax.sgd(0.1), nm=nm), 1, -1),
+           (so.mdgf(optax.sgd(0.1), nm=nm, rate=0.1), 1, -1),
+           (so.sdgf(optax.sgd(0.1), nm=nm, total_steps=4), 3, -1),  # first frame: 3:4
+           (so.ste(optax.sgd(0.1), nm=nm, axis=0), 1, 0)]
+  for tx, n, axis in cases:
+    np.testing.assert_array_equal(np.asarray(so.get_masks(tx.init(p))["w"]),
+                                  ref_nm(a, n, 4, axis))

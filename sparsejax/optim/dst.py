@@ -19,7 +19,6 @@ stored (masked) weights: since pruned weights are stored as exact zeros, plain
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import jax
@@ -32,8 +31,9 @@ from sparsejax.core.patterns import NM
 from sparsejax.core.scores import hash_random_scores, hash_scores, hash_uniform
 from sparsejax.core.selection import LazyScores
 from sparsejax.optim import grid
-from sparsejax.optim.pruning import check_distribution, check_scores, initial_masks
-from sparsejax.optim.wrapper import MaskPolicy, selected_masks, sparse_wrapper
+from sparsejax.optim.pruning import (check_distribution, check_scores, check_sparsity,
+                                     given_or_initial_masks)
+from sparsejax.optim.wrapper import MaskPolicy, sparse_wrapper
 
 __all__ = ["dynamic_sparse", "set_training", "rigl", "hash_uniform", "hash_scores"]
 
@@ -82,12 +82,9 @@ def dynamic_sparse(
     masks: explicit initial mask tree.
 
   Returns:
-    An ``optax.GradientTransformationExtraArgs``. Keep it the outermost
-      transformation (only ``MultiSteps``, ``apply_if_finite`` or
-      ``inject_hyperparams`` around it: anything after it that changes its
-      updates leaves pruned weights non-zero, counted by
-      :func:`~sparsejax.optim.get_masked_nonzero`); call
-      :func:`~sparsejax.optim.apply_state_masks` right after ``init``.
+    An ``optax.GradientTransformationExtraArgs``: keep it the outermost
+    transformation and call :func:`~sparsejax.optim.apply_state_masks` right
+    after ``init``; see the rules in :mod:`sparsejax.optim`.
 
   >>> import jax.numpy as jnp, optax
   >>> tx = dynamic_sparse(optax.adam(1e-2), sparsity=0.5, end_step=100, update_every=1,
@@ -103,8 +100,7 @@ def dynamic_sparse(
   if sparsity is None and masks is None:
     raise ValueError("dynamic sparse training needs a sparsity (or explicit masks)")
   if sparsity is not None:
-    schedules.check_range("sparsity", sparsity, 0.0, 1.0, hi_open=True,
-                          fix="sparsity is the fraction of zeros, in [0, 1)")
+    check_sparsity(sparsity)
   schedules.check_step("update_every", update_every, 1,
                        fix="update the masks at most once per step (update_every >= 1)")
   schedules.check_range("drop_fraction", drop_fraction, 0.0, 1.0)
@@ -127,13 +123,8 @@ def dynamic_sparse(
                      "drop-and-grow; train N:M masks with ste, srste, mdgf or sdgf.")
   begin = update_every if begin_step is None else begin_step
 
-  def init_masks(params, k):
-    if masks is not None:
-      given = selected_masks(params, masks=masks)
-      grid.check_masks(pattern, given)
-      return given
-    sel = selected_masks(params, include, exclude)
-    return initial_masks(params, init_scores, k, sparsity, distribution, sel, pattern)
+  init_masks = given_or_initial_masks(init_scores, sparsity, distribution, pattern, include,
+                                      exclude, masks)
 
   def is_update_step(step):
     step = jnp.asarray(step)

@@ -45,9 +45,22 @@ def _static_int(name: str, value: Any) -> int:
   return int(v)
 
 
+def grouping_axis(axis: Any, nm: Any) -> int:
+  """The N:M grouping axis: ``axis`` (a static int), or for ``None`` the axis of
+  ``nm`` if it is a :class:`~sparsejax.core.patterns.NM`, else -2.
+
+  >>> from sparsejax.core.patterns import NM
+  >>> grouping_axis(None, "2:4"), grouping_axis(None, NM(2, 4, axis=-1)), grouping_axis(0, "2:4")
+  (-2, -1, 0)
+  """
+  if axis is None:
+    return getattr(nm, "axis", -2)
+  return _static_int("axis", axis)
+
+
 def nm_training(
     inner: optax.GradientTransformation | None, *, patterns: Sequence[tuple[int, tuple[int, int]]],
-    axis: int = -2, decay=0.0, beta: Callable[[Any], Any] | None = None,
+    axis: int | None = None, decay=0.0, beta: Callable[[Any], Any] | None = None,
     dense_steps=0, finetune_start=None, include=None, exclude=None,
 ) -> optax.GradientTransformationExtraArgs:
   """General N:M training with forward masks recomputed every step.
@@ -58,9 +71,9 @@ def nm_training(
     patterns: ``((start_step, (n, m)), ...)``: pattern ``i`` is used from its
       start step on (a single ``((0, (2, 4)),)`` for plain STE); see
       :func:`sparsejax.schedules.sdgf_schedule`. Start steps may be traced.
-    axis: grouping axis (``None``: -2, the reduction axis of Flax kernels);
-      a static int (with ``optax.inject_hyperparams`` list it in
-      ``static_args``).
+    axis: grouping axis, a static int (with ``optax.inject_hyperparams``
+      list it in ``static_args``); ``None``: the axis of the last pattern if
+      it is an ``NM``, else -2 (the reduction axis of Flax kernels).
     decay: SR-STE ``lambda_W`` (0: plain STE).
     beta: ``step -> beta_t``, forward factor of pruned weights in the sparse
       phase (MDGF); ``None`` for 0.
@@ -71,12 +84,10 @@ def nm_training(
     exclude: regex(es) of leaf paths to keep dense.
 
   Returns:
-    An ``optax.GradientTransformationExtraArgs``. Keep it the outermost
-      transformation (only ``MultiSteps``, ``apply_if_finite`` or
-      ``inject_hyperparams`` around it), and run the model on
-      :func:`~sparsejax.optim.forward_params` (pytrees) or
-      :func:`~sparsejax.optim.forward_model` (NNX) in the loss; otherwise it
-      trains dense (:func:`~sparsejax.optim.check_forward_params` detects it).
+    An ``optax.GradientTransformationExtraArgs``: keep it the outermost
+    transformation and run the loss on :func:`~sparsejax.optim.forward_params`
+    (NNX: :func:`~sparsejax.optim.forward_model`); see the rules in
+    :mod:`sparsejax.optim`.
 
   >>> import jax.numpy as jnp, optax
   >>> tx = nm_training(optax.sgd(0.1), patterns=((0, (1, 2)), (2, (1, 4))))
@@ -89,9 +100,10 @@ def nm_training(
   if inner is None:
     raise TypeError("N:M straight-through training needs the optimizer as `inner`: "
                     "the SR-STE term is added to the gradient before it")
-  pats = tuple((s, schedules.parse_nm(p)) for s, p in patterns)
-  if not pats:
+  if not patterns:
     raise ValueError("patterns must not be empty")
+  axis = grouping_axis(axis, patterns[-1][1])
+  pats = tuple((s, schedules.parse_nm(p)) for s, p in patterns)
   concrete_starts = [schedules.concrete(s) for s, _ in pats]
   if None not in concrete_starts and concrete_starts != sorted(concrete_starts):
     raise ValueError(f"pattern start steps {concrete_starts} must be increasing")
@@ -101,7 +113,6 @@ def nm_training(
     schedules.check_step("finetune_start", finetune_start, 0)
   for s, _ in pats:
     schedules.check_step("pattern start step", s, 0)
-  axis = -2 if axis is None else _static_int("axis", axis)
 
   makers = [functools.partial(core_patterns.nm_mask, n=n, m=m, axis=axis) for _, (n, m) in pats]
 
@@ -179,12 +190,10 @@ def ste(inner: optax.GradientTransformation, *, nm="2:4", axis: int | None = Non
     exclude: regex(es) of leaf paths to keep dense.
 
   Returns:
-    An ``optax.GradientTransformationExtraArgs``. Keep it the outermost
-      transformation (only ``MultiSteps``, ``apply_if_finite`` or
-      ``inject_hyperparams`` around it), and run the model on
-      :func:`~sparsejax.optim.forward_params` (pytrees) or
-      :func:`~sparsejax.optim.forward_model` (NNX) in the loss; otherwise it
-      trains dense (:func:`~sparsejax.optim.check_forward_params` detects it).
+    An ``optax.GradientTransformationExtraArgs``: keep it the outermost
+    transformation and run the loss on :func:`~sparsejax.optim.forward_params`
+    (NNX: :func:`~sparsejax.optim.forward_model`); see the rules in
+    :mod:`sparsejax.optim`.
 
   >>> import jax.numpy as jnp, optax
   >>> from sparsejax.optim import forward_params
@@ -193,8 +202,6 @@ def ste(inner: optax.GradientTransformation, *, nm="2:4", axis: int | None = Non
   >>> forward_params(p, tx.init(p))['w'].ravel().tolist()
   [0.0, 4.0, 0.0, 3.0]
   """
-  if axis is None:
-    axis = getattr(nm, "axis", -2)
   return nm_training(inner, patterns=((0, nm),), axis=axis, include=include, exclude=exclude)
 
 
@@ -212,12 +219,10 @@ def srste(inner: optax.GradientTransformation, *, nm="2:4", decay=2e-4, axis: in
     exclude: regex(es) of leaf paths to keep dense.
 
   Returns:
-    An ``optax.GradientTransformationExtraArgs``. Keep it the outermost
-      transformation (only ``MultiSteps``, ``apply_if_finite`` or
-      ``inject_hyperparams`` around it), and run the model on
-      :func:`~sparsejax.optim.forward_params` (pytrees) or
-      :func:`~sparsejax.optim.forward_model` (NNX) in the loss; otherwise it
-      trains dense (:func:`~sparsejax.optim.check_forward_params` detects it).
+    An ``optax.GradientTransformationExtraArgs``: keep it the outermost
+    transformation and run the loss on :func:`~sparsejax.optim.forward_params`
+    (NNX: :func:`~sparsejax.optim.forward_model`); see the rules in
+    :mod:`sparsejax.optim`.
 
   >>> import jax.numpy as jnp, optax
   >>> p = {'w': jnp.array([[1.], [4.], [2.], [3.]])}
@@ -226,7 +231,5 @@ def srste(inner: optax.GradientTransformation, *, nm="2:4", decay=2e-4, axis: in
   >>> u['w'].ravel().tolist()   # -decay * W on the pruned weights
   [-0.5, -0.0, -1.0, -0.0]
   """
-  if axis is None:
-    axis = getattr(nm, "axis", -2)
   return nm_training(inner, patterns=((0, nm),), axis=axis, decay=decay,
                      include=include, exclude=exclude)

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import optax
 
 from sparsejax import schedules
-from sparsejax.optim.nm import nm_training
+from sparsejax.optim.nm import grouping_axis, nm_training
 
 __all__ = ["mdgf", "sdgf"]
 
@@ -68,17 +68,15 @@ def mdgf(inner: optax.GradientTransformation, *, nm="2:4", rate, kind: str = "li
     count_from: ``"sparse"`` (t counts from the end of the warm-up) or
       ``"start"`` (the reference code's behaviour).
     decay: optional SR-STE ``lambda_W``.
-    axis: grouping axis (``None``: -2).
+    axis: grouping axis (``None``: the pattern's axis or -2).
     include: regex(es) of leaf paths to sparsify (default: ndim >= 2).
     exclude: regex(es) of leaf paths to keep dense.
 
   Returns:
-    An ``optax.GradientTransformationExtraArgs``. Keep it the outermost
-      transformation (only ``MultiSteps``, ``apply_if_finite`` or
-      ``inject_hyperparams`` around it), and run the model on
-      :func:`~sparsejax.optim.forward_params` (pytrees) or
-      :func:`~sparsejax.optim.forward_model` (NNX) in the loss; otherwise it
-      trains dense (:func:`~sparsejax.optim.check_forward_params` detects it).
+    An ``optax.GradientTransformationExtraArgs``: keep it the outermost
+    transformation and run the loss on :func:`~sparsejax.optim.forward_params`
+    (NNX: :func:`~sparsejax.optim.forward_model`); see the rules in
+    :mod:`sparsejax.optim`.
 
   >>> import jax, jax.numpy as jnp, optax
   >>> from sparsejax.optim import get_beta
@@ -129,17 +127,15 @@ def sdgf(inner: optax.GradientTransformation, *, nm="1:8", kind: str = "stepwise
     num_frames: number of frames for geometric/densify (default 4).
     custom: ``{start_step: "n:m"}`` for ``kind="custom"``.
     decay: optional SR-STE ``lambda_W``.
-    axis: grouping axis (``None``: -2).
+    axis: grouping axis (``None``: the pattern's axis or -2).
     include: regex(es) of leaf paths to sparsify (default: ndim >= 2).
     exclude: regex(es) of leaf paths to keep dense.
 
   Returns:
-    An ``optax.GradientTransformationExtraArgs``. Keep it the outermost
-      transformation (only ``MultiSteps``, ``apply_if_finite`` or
-      ``inject_hyperparams`` around it), and run the model on
-      :func:`~sparsejax.optim.forward_params` (pytrees) or
-      :func:`~sparsejax.optim.forward_model` (NNX) in the loss; otherwise it
-      trains dense (:func:`~sparsejax.optim.check_forward_params` detects it).
+    An ``optax.GradientTransformationExtraArgs``: keep it the outermost
+    transformation and run the loss on :func:`~sparsejax.optim.forward_params`
+    (NNX: :func:`~sparsejax.optim.forward_model`); see the rules in
+    :mod:`sparsejax.optim`.
 
   >>> import jax, jax.numpy as jnp, optax
   >>> from sparsejax.optim import get_target_sparsity
@@ -164,5 +160,6 @@ def sdgf(inner: optax.GradientTransformation, *, nm="1:8", kind: str = "stepwise
     pats = tuple((starts[i], p) for i, p in enumerate(patterns))
   if ft_start is not None:
     pats = pats + ((ft_start, schedules.parse_nm(nm)),)
-  return nm_training(inner, patterns=pats, axis=axis, decay=decay, dense_steps=dense,
-                     finetune_start=ft_start, include=include, exclude=exclude)
+  return nm_training(inner, patterns=pats, axis=grouping_axis(axis, nm), decay=decay,
+                     dense_steps=dense, finetune_start=ft_start, include=include,
+                     exclude=exclude)

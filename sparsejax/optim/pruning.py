@@ -7,7 +7,6 @@ with every ``optax.apply_updates`` and never come back.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import jax
@@ -42,6 +41,18 @@ def check_distribution(distribution: Any) -> None:
     raise ValueError(f"unknown distribution {distribution!r}: use one of "
                      f"{DISTRIBUTIONS} or a callable (params, sparsity) -> "
                      "per-leaf sparsity tree")
+
+
+def check_sparsity(sparsity: Any) -> None:
+  """Raises ``ValueError`` for a concrete ``sparsity`` outside ``[0, 1)``.
+
+  >>> check_sparsity(1.0)
+  Traceback (most recent call last):
+  ...
+  ValueError: sparsity=1.0 is outside [0, 1); sparsity is the fraction of zeros, in [0, 1)
+  """
+  schedules.check_range("sparsity", sparsity, 0.0, 1.0, hi_open=True,
+                        fix="sparsity is the fraction of zeros, in [0, 1)")
 
 
 def _flags(masks, params):
@@ -100,6 +111,27 @@ def initial_masks(params, scores, key, sparsity, distribution, masks, pattern=No
     return core_pruning.random_prune(params, per_leaf, key, masks=masks)[1]
   return prune_to(params, initial_scores(params, scores, key), sparsity, distribution, masks,
                   pattern)
+
+
+def given_or_initial_masks(scores, sparsity, distribution, pattern, include, exclude, masks):
+  """``init_masks(params, key)`` of a policy whose masks are chosen at ``init``.
+
+  The given ``masks`` (validated against the params and ``pattern``) or, without
+  them, :func:`initial_masks` on the leaves ``include``/``exclude`` select.
+
+  >>> import jax.numpy as jnp
+  >>> init = given_or_initial_masks("magnitude", 0.5, "uniform", None, None, None, None)
+  >>> init({'w': jnp.array([[1., -4.], [3., 2.]]), 'b': jnp.ones(2)}, None)['w'].tolist()
+  [[False, True], [True, False]]
+  """
+  def init_masks(params, key):
+    if masks is not None:
+      given = selected_masks(params, masks=masks)
+      grid.check_masks(pattern, given)
+      return given
+    sel = selected_masks(params, include, exclude)
+    return initial_masks(params, scores, key, sparsity, distribution, sel, pattern)
+  return init_masks
 
 
 def _kept_magnitude(m, p):
@@ -184,12 +216,9 @@ def gradual_magnitude_pruning(
     masks: initial mask tree (default all True on the selected leaves).
 
   Returns:
-    An ``optax.GradientTransformationExtraArgs``. Keep it the outermost
-      transformation (only ``MultiSteps``, ``apply_if_finite`` or
-      ``inject_hyperparams`` around it: anything after it that changes its
-      updates leaves pruned weights non-zero, counted by
-      :func:`~sparsejax.optim.get_masked_nonzero`); call
-      :func:`~sparsejax.optim.apply_state_masks` right after ``init``.
+    An ``optax.GradientTransformationExtraArgs``: keep it the outermost
+    transformation and call :func:`~sparsejax.optim.apply_state_masks` right
+    after ``init``; see the rules in :mod:`sparsejax.optim`.
 
   >>> import jax.numpy as jnp, optax
   >>> tx = gradual_magnitude_pruning(optax.sgd(0.0), sparsity=0.5, end_step=2, frequency=1)
@@ -201,8 +230,7 @@ def gradual_magnitude_pruning(
   >>> p['w'].ravel().tolist()
   [0.0, 0.0, 0.0, 0.0, 5.0, 6.0, 7.0, 8.0]
   """
-  schedules.check_range("sparsity", sparsity, 0.0, 1.0, hi_open=True,
-                        fix="sparsity is the fraction of zeros, in [0, 1)")
+  check_sparsity(sparsity)
   schedules.check_step("frequency", frequency, 1,
                        fix="prune at least every 1 step (frequency >= 1)")
   schedules.check_step("begin_step", begin_step, 0)
@@ -261,12 +289,9 @@ def one_shot_pruning(
     masks: initial mask tree (default all True on the selected leaves).
 
   Returns:
-    An ``optax.GradientTransformationExtraArgs``. Keep it the outermost
-      transformation (only ``MultiSteps``, ``apply_if_finite`` or
-      ``inject_hyperparams`` around it: anything after it that changes its
-      updates leaves pruned weights non-zero, counted by
-      :func:`~sparsejax.optim.get_masked_nonzero`); call
-      :func:`~sparsejax.optim.apply_state_masks` right after ``init``.
+    An ``optax.GradientTransformationExtraArgs``: keep it the outermost
+    transformation and call :func:`~sparsejax.optim.apply_state_masks` right
+    after ``init``; see the rules in :mod:`sparsejax.optim`.
 
   >>> import jax.numpy as jnp, optax
   >>> tx = one_shot_pruning(optax.sgd(0.0), sparsity=0.75)
@@ -279,8 +304,7 @@ def one_shot_pruning(
   sparsity = pattern_sparsity("one_shot_pruning", pattern, sparsity)
   if sparsity is None:
     raise ValueError("one_shot_pruning needs a sparsity (or pattern=NM(n, m)).")
-  schedules.check_range("sparsity", sparsity, 0.0, 1.0, hi_open=True,
-                        fix="sparsity is the fraction of zeros, in [0, 1)")
+  check_sparsity(sparsity)
   schedules.check_step("step", step, 0)
   check_distribution(distribution)
 
@@ -347,12 +371,9 @@ def static_sparse(
     masks: explicit mask tree (then ``scores``/``distribution`` are unused).
 
   Returns:
-    An ``optax.GradientTransformationExtraArgs``. Keep it the outermost
-      transformation (only ``MultiSteps``, ``apply_if_finite`` or
-      ``inject_hyperparams`` around it: anything after it that changes its
-      updates leaves pruned weights non-zero, counted by
-      :func:`~sparsejax.optim.get_masked_nonzero`); call
-      :func:`~sparsejax.optim.apply_state_masks` right after ``init``.
+    An ``optax.GradientTransformationExtraArgs``: keep it the outermost
+    transformation and call :func:`~sparsejax.optim.apply_state_masks` right
+    after ``init``; see the rules in :mod:`sparsejax.optim`.
 
   >>> import jax.numpy as jnp, optax
   >>> p = {'w': jnp.ones((100, 100)), 'b': jnp.ones(100)}
@@ -367,19 +388,12 @@ def static_sparse(
     if masks is None:
       raise ValueError("static_sparse needs a sparsity (or explicit masks)")
     sparsity = core_masks.global_sparsity(masks)
-  schedules.check_range("sparsity", sparsity, 0.0, 1.0, hi_open=True,
-                        fix="sparsity is the fraction of zeros, in [0, 1)")
+  check_sparsity(sparsity)
   check_distribution(distribution)
   check_scores(scores)
 
-  def init_masks(params, k):
-    if masks is not None:
-      given = selected_masks(params, masks=masks)
-      grid.check_masks(pattern, given)
-      return given
-    sel = selected_masks(params, include, exclude)
-    return initial_masks(params, scores, k, sparsity, distribution, sel, pattern)
-
+  init_masks = given_or_initial_masks(scores, sparsity, distribution, pattern, include, exclude,
+                                      masks)
   policy = MaskPolicy(init_masks=init_masks, target=lambda step: sparsity)
   return sparse_wrapper(inner, policy, key=key)
 
