@@ -274,7 +274,8 @@ def test_nm_pattern_one_shot_and_static():
   tx = so.one_shot_pruning(optax.sgd(0.0), pattern=nm)
   _, s = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
   st = so.static_sparse(optax.sgd(0.0), pattern=nm, scores="magnitude").init(params)
-  for masks in (so.get_masks(s), so.get_masks(st)):
+  st_text = so.static_sparse(optax.sgd(0.0), pattern="2:4", scores="magnitude").init(params)
+  for masks in (so.get_masks(s), so.get_masks(st), so.get_masks(st_text)):
     for p in KERNELS:
       np.testing.assert_array_equal(leaf(masks, p), ref(leaf(params, p)))
   assert float(so.get_target_sparsity(s)) == 0.5
@@ -294,8 +295,14 @@ def test_pattern_errors_name_the_leaf():
     so.set_training(optax.sgd(0.1), sparsity=0.5, update_every=1, end_step=4, pattern=sj.NM(2, 4))
   with pytest.raises(ValueError, match="fixes the sparsity to 0.5"):
     so.one_shot_pruning(optax.sgd(0.1), sparsity=0.9, pattern=sj.NM(2, 4))
-  with pytest.raises(TypeError, match="pattern='4x4'"):
+  with pytest.raises(ValueError, match="static_sparse: unknown pattern '4x4'"):
     so.static_sparse(optax.sgd(0.1), sparsity=0.5, pattern="4x4")
+  with pytest.raises(ValueError, match="N:M pattern '2:x' must look like 'n:m'"):
+    so.one_shot_pruning(optax.sgd(0.1), pattern="2:x")
+  with pytest.raises(TypeError, match="dynamic_sparse: pattern 3 is not a pattern"):
+    so.rigl(optax.sgd(0.1), sparsity=0.5, update_every=1, end_step=4, pattern=3)
+  with pytest.raises(ValueError, match="gradual schedule"):  # "n:m" is NM(n, m) here too
+    so.gradual_magnitude_pruning(optax.sgd(0.1), sparsity=0.5, end_step=4, pattern="2:4")
 
 
 def test_block_rigl_under_optimizer_wrappers():

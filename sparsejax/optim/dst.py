@@ -117,7 +117,7 @@ def dynamic_sparse(
     raise ValueError(f"grow={grow!r}: use 'gradient' (RigL) or 'random' (SET)")
   check_distribution(distribution)
   check_scores(init_scores)
-  pattern = grid.check_pattern(pattern)
+  pattern = grid.check_pattern(pattern, "dynamic_sparse")
   if isinstance(pattern, NM):
     raise ValueError(f"dynamic sparse training: pattern={pattern!r} is not supported by "
                      "drop-and-grow; train N:M masks with ste, srste, mdgf or sdgf.")

@@ -40,7 +40,7 @@ import numpy as np
 
 from sparsejax.core import masks as core_masks
 from sparsejax.core.paths import path_str
-from sparsejax.core.patterns import NM, Block, Channel, Unstructured
+from sparsejax.core.patterns import NM, Block, Channel, Unstructured, as_pattern
 from sparsejax.core.selection import LazyScores, materialize
 
 __all__ = ["is_grid_pattern", "check_pattern", "check_masks", "grid_sum", "grid_any", "expand",
@@ -59,20 +59,29 @@ def is_grid_pattern(pattern: Any) -> bool:
   return isinstance(pattern, (Block, Channel))
 
 
-def check_pattern(pattern: Any, arg: str = "pattern") -> Any:
+def check_pattern(pattern: Any, fn: str = "pattern") -> Any:
   """Validates a training ``pattern`` argument; returns it (``None`` for unstructured).
 
-  >>> check_pattern("2x2")
+  An ``"n:m"`` string is ``NM(n, m)`` (parsed by
+  :func:`sparsejax.core.patterns.as_pattern`, as in ``sparsejax.prune``).
+  ``fn`` names the caller in the errors.
+
+  >>> check_pattern("2:4")
+  NM(n=2, m=4, axis=-2)
+  >>> check_pattern("2x2", "static_sparse")
   Traceback (most recent call last):
   ...
-  TypeError: pattern='2x2': pass sparsejax.Block(r, c), sparsejax.NM(n, m), sparsejax.Channel(axis), sparsejax.Unstructured() or None.
+  ValueError: static_sparse: unknown pattern '2x2'; use 'n:m' (e.g. '2:4'), NM(n, m), Block(r, c), Channel(axis) or Unstructured().
   """
-  if pattern is None or isinstance(pattern, Unstructured):
+  if pattern is None:
+    return None
+  pattern = as_pattern(pattern, fn=fn)
+  if isinstance(pattern, Unstructured):
     return None
   if isinstance(pattern, (Block, Channel, NM)):
     return pattern
-  raise TypeError(f"{arg}={pattern!r}: pass sparsejax.Block(r, c), sparsejax.NM(n, m), "
-                  "sparsejax.Channel(axis), sparsejax.Unstructured() or None.")
+  raise TypeError(f"{fn}: pattern={pattern!r}: pass sparsejax.Block(r, c), sparsejax.NM(n, m) or "
+                  "'n:m', sparsejax.Channel(axis), sparsejax.Unstructured() or None.")
 
 
 def _channel_axis(pattern: Channel, ndim: int) -> int:

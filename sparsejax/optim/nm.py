@@ -212,11 +212,8 @@ def srste(inner: optax.GradientTransformation, *, nm="2:4", decay=2e-4, axis: in
   Args:
     inner: the optimizer (the term is added before it; with Adam it gets
       rescaled, which changes its strength).
-    nm: the pattern, ``"2:4"``, ``(2, 4)`` or ``sparsejax.core.patterns.NM``.
     decay: ``lambda_W`` (default 2e-4).
-    axis: grouping axis (``None``: the pattern's axis or -2).
-    include: regex(es) of leaf paths to sparsify (default: ndim >= 2).
-    exclude: regex(es) of leaf paths to keep dense.
+    nm, axis, include, exclude: as in :func:`ste`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``: keep it the outermost

@@ -122,14 +122,10 @@ def sdgf(inner: optax.GradientTransformation, *, nm="1:8", kind: str = "stepwise
     nm: target pattern.
     kind: ``"stepwise"``, ``"geometric"``, ``"densify"`` or ``"custom"``.
     total_steps: length of training.
-    dense_steps: dense warm-up steps.
-    finetune_steps: final hard-mask fine-tune steps (``None``: none).
     num_frames: number of frames for geometric/densify (default 4).
     custom: ``{start_step: "n:m"}`` for ``kind="custom"``.
-    decay: optional SR-STE ``lambda_W``.
-    axis: grouping axis (``None``: the pattern's axis or -2).
-    include: regex(es) of leaf paths to sparsify (default: ndim >= 2).
-    exclude: regex(es) of leaf paths to keep dense.
+    dense_steps, finetune_steps, decay, axis, include, exclude: as in
+      :func:`mdgf`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``: keep it the outermost

@@ -246,7 +246,7 @@ def gradual_magnitude_pruning(
                      "ramp needs end_step > begin_step (for pruning at one step use "
                      "one_shot_pruning(step=...))")
   check_distribution(distribution)
-  pattern = grid.check_pattern(pattern)
+  pattern = grid.check_pattern(pattern, "gradual_magnitude_pruning")
   if isinstance(pattern, NM):
     raise ValueError(f"gradual_magnitude_pruning: pattern={pattern!r} has a fixed sparsity, "
                      "which a gradual schedule cannot follow; use one_shot_pruning(pattern=...), "
@@ -280,8 +280,8 @@ def one_shot_pruning(
     distribution: ``"uniform"``, ``"erk"``, ``"er"``, ``"global"`` or a callable.
     pattern: ``None`` (unstructured), ``sparsejax.Block(r, c)`` (whole blocks
       ranked by the block sum of ``|W|``, exact block counts; also
-      ``Channel(axis)``) or ``sparsejax.NM(n, m)`` (the ``n`` largest ``|W|``
-      of every group of ``m``).
+      ``Channel(axis)``) or ``sparsejax.NM(n, m)`` or ``"n:m"`` (the ``n``
+      largest ``|W|`` of every group of ``m``).
       Patterns are callables: with ``optax.inject_hyperparams`` list
       ``"pattern"`` in ``static_args``.
     include: regex(es) of leaf paths to prune (default: ndim >= 2).
@@ -300,7 +300,7 @@ def one_shot_pruning(
   >>> optax.apply_updates(p, u)['w'].tolist()
   [[0.0, -4.0], [0.0, 0.0]]
   """
-  pattern = grid.check_pattern(pattern)
+  pattern = grid.check_pattern(pattern, "one_shot_pruning")
   sparsity = pattern_sparsity("one_shot_pruning", pattern, sparsity)
   if sparsity is None:
     raise ValueError("one_shot_pruning needs a sparsity (or pattern=NM(n, m)).")
@@ -362,8 +362,8 @@ def static_sparse(
     pattern: ``None`` (unstructured), ``sparsejax.Block(r, c)`` (whole blocks
       ranked by the block sum of the scores -- random, ``|W|`` or SNIP --
       with exact block counts and the distribution over blocks; also
-      ``Channel(axis)``) or ``sparsejax.NM(n, m)`` (``sparsity`` and
-      ``distribution`` then unused).
+      ``Channel(axis)``) or ``sparsejax.NM(n, m)`` or ``"n:m"``
+      (``sparsity`` and ``distribution`` then unused).
       Patterns are callables: with ``optax.inject_hyperparams`` list
       ``"pattern"`` in ``static_args``.
     include: regex(es) of leaf paths to prune (default: ndim >= 2).
@@ -382,7 +382,7 @@ def static_sparse(
   >>> int(get_masks(s)['w'].sum())
   1000
   """
-  pattern = grid.check_pattern(pattern)
+  pattern = grid.check_pattern(pattern, "static_sparse")
   sparsity = pattern_sparsity("static_sparse", pattern, sparsity)
   if sparsity is None:
     if masks is None:
