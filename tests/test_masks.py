@@ -164,7 +164,7 @@ def test_import_and_init_keep_param_sharding():
     ({"enc": {"kernel": np.ones((3, 3), bool), "bias": None}, "out": None}, ValueError,
      r"mask at 'enc/kernel' has shape \(3, 3\) but the param has shape \(2, 3\)"),
     ({"enc": {"kernel": np.ones((2, 3), np.float32), "bias": None}, "out": None}, TypeError,
-     r"mask at 'enc/kernel' has dtype float32, expected bool"),
+     r"mask at 'enc/kernel' has dtype float32; expected bool"),
     ({"enc": {"kernel": [[True] * 3] * 2, "bias": None}, "out": None}, TypeError,
      r"mask at 'enc/kernel' is a subtree"),
     ({"enc": {"kernel": "yes", "bias": None}, "out": None}, TypeError, r"mask at 'enc/kernel' is a str"),

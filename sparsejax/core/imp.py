@@ -18,8 +18,8 @@ import numpy as np
 
 from sparsejax.core import selection as _sel
 from sparsejax.core.masks import init_masks
-from sparsejax.core.pruning import (_as_scores, _check_unit, _flat, _is_scalar, _leaves_like, _masks_list,
-                                    _scores_list, _zero_out)
+from sparsejax.core.pruning import (_as_scores, _check_unit, _flat, _is_scalar, _l2_normalized,
+                                    _leaves_like, _masks_list, _scores_list, _zero_out)
 
 PyTree = Any
 
@@ -41,14 +41,7 @@ def _imp_leaf(score, old, fraction):
 
 @functools.partial(jax.jit, static_argnames=("normalize",))
 def _imp_global(scores, olds, fraction, *, normalize):
-  sc = []
-  for s, m in zip(scores, olds):
-    if normalize:
-      s = _sel.materialize(s)
-      s = s.astype(jnp.promote_types(s.dtype, jnp.float32))
-      norm = jnp.sqrt(jnp.sum(jnp.where(m, s * s, 0)))
-      s = s / jnp.where(norm > 0, norm, 1)
-    sc.append(s)
+  sc = [_l2_normalized(s, m) if normalize else s for s, m in zip(scores, olds)]
   remaining = sum(jnp.sum(m, dtype=jnp.int32) for m in olds)
   return _sel.global_topk_masks(sc, k=_n_keep(remaining, fraction), masks=list(olds))
 

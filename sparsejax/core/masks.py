@@ -271,13 +271,18 @@ def _validate(masks: Any, params: Any, pre: str) -> None:
     if p is None:
       raise ValueError(f"{pre}: mask at '{path}' is an array but the param there is None; put None "
                        "in the mask tree for absent leaves.")
-    if not hasattr(m, "shape") or not hasattr(m, "dtype"):
-      raise TypeError(f"{pre}: mask at '{path}' is a {type(m).__name__}, expected a bool array or None.")
-    if tuple(m.shape) != tuple(np.shape(p)):
-      raise ValueError(f"{pre}: mask at '{path}' has shape {tuple(m.shape)} but the param has shape "
-                       f"{tuple(np.shape(p))}.")
-    if m.dtype != jnp.bool_:
-      raise TypeError(f"{pre}: mask at '{path}' has dtype {m.dtype}, expected bool (use m.astype(bool)).")
+    _check_mask_leaf(pre, path, m, np.shape(p))
+
+
+def _check_mask_leaf(fn: str, path: str, m: Any, param_shape) -> None:
+  """Raises (naming ``fn`` and ``path``) unless ``m`` is a bool array of ``param_shape``."""
+  if not hasattr(m, "shape") or not hasattr(m, "dtype"):
+    raise TypeError(f"{fn}: mask at {path!r} is a {type(m).__name__}; expected a bool array or None.")
+  if tuple(m.shape) != tuple(param_shape):
+    raise ValueError(f"{fn}: mask at {path!r} has shape {tuple(m.shape)} but the param has shape "
+                     f"{tuple(param_shape)}; build masks with init_masks(params).")
+  if m.dtype != jnp.bool_:
+    raise TypeError(f"{fn}: mask at {path!r} has dtype {m.dtype}; expected bool (use m.astype(bool)).")
 
 
 def _fmt_bytes(n: float) -> str:

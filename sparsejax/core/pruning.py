@@ -41,6 +41,7 @@ from jax.experimental import checkify
 
 from sparsejax.core import scores as _scores
 from sparsejax.core import selection as _sel
+from sparsejax.core.masks import _check_mask_leaf
 from sparsejax.core.paths import path_str, select
 from sparsejax.core.patterns import Block, Channel, Unstructured, as_pattern
 
@@ -163,13 +164,7 @@ def _masks_list(fn: str, paths, leaves, masks) -> list:
   for p, leaf, m in zip(paths, leaves, ms):
     if m is None:
       continue
-    if not hasattr(m, "shape") or not hasattr(m, "dtype"):
-      raise TypeError(f"{fn}: mask at {p!r} is a {type(m).__name__}; expected a bool array or None.")
-    if tuple(m.shape) != tuple(np.shape(leaf)):
-      raise ValueError(f"{fn}: mask at {p!r} has shape {tuple(m.shape)} but the param has shape "
-                       f"{tuple(np.shape(leaf))}; build masks with init_masks(params).")
-    if m.dtype != jnp.bool_:
-      raise TypeError(f"{fn}: mask at {p!r} has dtype {m.dtype}; expected bool (use m.astype(bool)).")
+    _check_mask_leaf(fn, p, m, np.shape(leaf))
     _check_float(fn, p, leaf)
   return ms
 
@@ -438,17 +433,18 @@ def random_prune(params: PyTree, sparsity, key, *, masks: PyTree | None = None,
   return jax.tree.unflatten(treedef, new_p), jax.tree.unflatten(treedef, new_m)
 
 
+def _l2_normalized(s, m) -> jax.Array:
+  """Scores ``s`` (float32 or wider) divided by their L2 norm over the eligible entries ``m``."""
+  s = _sel.materialize(s)
+  s = s.astype(jnp.promote_types(s.dtype, jnp.float32))
+  e = s if m is None else jnp.where(m, s, 0)
+  norm = jnp.sqrt(jnp.sum(e * e))
+  return s / jnp.where(norm > 0, norm, 1)
+
+
 @functools.partial(jax.jit, static_argnames=("normalize",))
 def _global_select(scores, masks, sparsity, *, normalize):
-  sel = []
-  for s, m in zip(scores, masks):
-    if normalize:
-      s32 = _sel.materialize(s)
-      s32 = s32.astype(jnp.promote_types(s32.dtype, jnp.float32))
-      e = s32 if m is None else jnp.where(m, s32, 0)
-      norm = jnp.sqrt(jnp.sum(e * e))
-      s = s32 / jnp.where(norm > 0, norm, 1)
-    sel.append(s)
+  sel = [_l2_normalized(s, m) if normalize else s for s, m in zip(scores, masks)]
   total = sum(s.size for s in scores)
   k = _sel.num_to_keep(total, 1.0 - _unit_value(sparsity))
   return _sel.global_topk_masks(sel, k=k, masks=list(masks))
