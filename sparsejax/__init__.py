@@ -1,5 +1,7 @@
 """sparsejax: neural-network sparsity for JAX, Flax and optax."""
 
+import importlib
+
 __version__ = "0.1.0"
 
 # Leaf paths and selection, mask trees, mask patterns, exact global top-k (sparsejax.core).
@@ -44,8 +46,19 @@ _CHECKPOINT_NAMES = frozenset({
 })
 
 
+# Submodules imported on first attribute access (``sj.export.to_block_sparse(...)`` works
+# without ``import sparsejax.export``): export and nn import Flax NNX and the kernels package,
+# checkpoint imports orbax.
+_LAZY_SUBMODULES = frozenset({"checkpoint", "export", "nn"})
+
+
 def __getattr__(name):  # PEP 562 lazy attributes.
+  if name in _LAZY_SUBMODULES:
+    return importlib.import_module(f"sparsejax.{name}")
   if name in _CHECKPOINT_NAMES:
-    from sparsejax import checkpoint  # pylint: disable=import-outside-toplevel
-    return getattr(checkpoint, name)
+    return getattr(importlib.import_module("sparsejax.checkpoint"), name)
   raise AttributeError(f"module 'sparsejax' has no attribute {name!r}")
+
+
+def __dir__():
+  return sorted(set(globals()) | _LAZY_SUBMODULES | _CHECKPOINT_NAMES)
