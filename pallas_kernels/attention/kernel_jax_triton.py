@@ -64,6 +64,53 @@ def _allowed(bits_ref, bits_row, q_pos, kv_pos, past_full, SKV: tl.constexpr, W:
 
 
 @triton.jit
+def _q_block_program(G: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, BQ: tl.constexpr,
+                     NQ: tl.constexpr, MB: tl.constexpr, HM: tl.constexpr, HPM: tl.constexpr,
+                     BITS_B: tl.constexpr):
+  """What a forward / dQ program (batch ``b``, head ``h``, q-block ``i``) addresses: ``b, h``,
+  its mask row, bit-mask row and kv head, its query rows, head-dim lanes and their mask."""
+  b = tl.program_id(0)
+  h = tl.program_id(1)
+  i = tl.program_id(2)
+  row = ((b if MB > 1 else 0) * HM + h // HPM) * NQ + i
+  bits_row = (b if BITS_B > 1 else 0) * (NQ * BQ)
+  ds = tl.arange(0, DP)
+  return b, h, row, bits_row, h // G, i * BQ + tl.arange(0, BQ), ds, ds < D
+
+
+@triton.jit
+def _q_rows(b, h, qs, ds, d_ok, H: tl.constexpr, SQ: tl.constexpr, D: tl.constexpr):
+  """Offsets and load mask of query rows ``qs`` of head ``h`` in a ``[B, SQ, H, D]`` array."""
+  q_off = ((b * SQ + qs[:, None]).to(tl.int64) * H + h) * D + ds[None, :]
+  return q_off, (qs[:, None] < SQ) & d_ok[None, :]
+
+
+@triton.jit
+def _load_q_rows(q_ref, do_ref, lse_ref, delta_ref, b, h, qs, ds, d_ok, H: tl.constexpr,
+                 SQ: tl.constexpr, D: tl.constexpr):
+  """The backward's per-row inputs: ``q, dO, lse (-inf -> 0), delta, offsets, mask``."""
+  q_off, q_mask = _q_rows(b, h, qs, ds, d_ok, H, SQ, D)
+  q = tl.load(q_ref + q_off, mask=q_mask, other=0.0)
+  do = tl.load(do_ref + q_off, mask=q_mask, other=0.0)
+  q_ok = qs < SQ
+  lse = tl.load(lse_ref + (b * H + h) * SQ + qs, mask=q_ok, other=0.0)
+  lse = tl.where(lse == float("-inf"), 0.0, lse)
+  delta = tl.load(delta_ref + (b * H + h) * SQ + qs, mask=q_ok, other=0.0)
+  return q, do, lse, delta, q_off, q_mask
+
+
+@triton.jit
+def _load_kv(k_ref, v_ref, b, hk, kvs, ds, d_ok, HK: tl.constexpr, SKV: tl.constexpr,
+             D: tl.constexpr):
+  """Key rows ``kvs`` of kv head ``hk``: ``k, v, offsets, mask`` (``[B, SKV, HK, D]`` arrays)."""
+  kv_off = ((b * SKV + kvs[:, None]).to(tl.int64) * HK + hk) * D + ds[None, :]
+  kv_mask = (kvs[:, None] < SKV) & d_ok[None, :]
+  kt = tl.load(k_ref + kv_off, mask=kv_mask, other=0.0)
+  vt = tl.load(v_ref + kv_off, mask=kv_mask, other=0.0)
+  return kt, vt, kv_off, kv_mask
+
+
+@triton.jit
 def fwd_kernel(q_ref, k_ref, v_ref, fc_ref, fi_ref, pc_ref, pi_ref, bits_ref, o_ref, lse_ref,
                H: tl.constexpr, G: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
                SQ: tl.constexpr, SKV: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr,
@@ -71,19 +118,9 @@ def fwd_kernel(q_ref, k_ref, v_ref, fc_ref, fi_ref, pc_ref, pi_ref, bits_ref, o_
                HPM: tl.constexpr, BITS_B: tl.constexpr, W: tl.constexpr, HAS_MASK: tl.constexpr,
                SCALE: tl.constexpr, PRECISION: tl.constexpr, BKS: tl.constexpr,
                BQS: tl.constexpr):
-  b = tl.program_id(0)
-  h = tl.program_id(1)
-  i = tl.program_id(2)
-  mb = b if MB > 1 else 0
-  row = (mb * HM + h // HPM) * NQ + i
-  bits_row = (b if BITS_B > 1 else 0) * (NQ * BQ)
-  hk = h // G
-  qs = i * BQ + tl.arange(0, BQ)
-  ds = tl.arange(0, DP)
-  q_ok = qs < SQ
-  d_ok = ds < D
-  q = tl.load(q_ref + ((b * SQ + qs[:, None]).to(tl.int64) * H + h) * D + ds[None, :],
-              mask=q_ok[:, None] & d_ok[None, :], other=0.0)
+  b, h, row, bits_row, hk, qs, ds, d_ok = _q_block_program(G, D, DP, BQ, NQ, MB, HM, HPM, BITS_B)
+  q_off, q_mask = _q_rows(b, h, qs, ds, d_ok, H, SQ, D)
+  q = tl.load(q_ref + q_off, mask=q_mask, other=0.0)
   acc = tl.zeros((BQ, DP), tl.float32)
   m_i = tl.full((BQ,), float("-inf"), tl.float32)
   l_i = tl.zeros((BQ,), tl.float32)
@@ -93,10 +130,7 @@ def fwd_kernel(q_ref, k_ref, v_ref, fc_ref, fi_ref, pc_ref, pi_ref, bits_ref, o_
     j = _block_index(fi_ref, pi_ref, row * NK, s, n_full)
     for sub in range(0, BK, BKS):  # the block's keys in sub-tiles of BKS (register pressure)
       kvs = j * BK + sub + tl.arange(0, BKS)
-      kv_off = ((b * SKV + kvs[:, None]).to(tl.int64) * (H // G) + hk) * D + ds[None, :]
-      kv_mask = (kvs[:, None] < SKV) & d_ok[None, :]
-      kt = tl.load(k_ref + kv_off, mask=kv_mask, other=0.0)
-      vt = tl.load(v_ref + kv_off, mask=kv_mask, other=0.0)
+      kt, vt, _, _ = _load_kv(k_ref, v_ref, b, hk, kvs, ds, d_ok, H // G, SKV, D)
       sc = tl.dot(q, tl.trans(kt), input_precision=PRECISION) * SCALE
       ok = _allowed(bits_ref, bits_row, qs, kvs, s - n_full, SKV, W, HAS_MASK)
       sc = tl.where(ok, sc, float("-inf"))
@@ -110,10 +144,9 @@ def fwd_kernel(q_ref, k_ref, v_ref, fc_ref, fi_ref, pc_ref, pi_ref, bits_ref, o_
   pos = l_i != 0.0  # rows that attend nothing: zero output, lse = -inf
   l_safe = tl.where(pos, l_i, 1.0)
   out = tl.where(pos[:, None], acc / l_safe[:, None], 0.0)
-  tl.store(o_ref + ((b * SQ + qs[:, None]).to(tl.int64) * H + h) * D + ds[None, :],
-           out.to(o_ref.dtype.element_ty), mask=q_ok[:, None] & d_ok[None, :])
+  tl.store(o_ref + q_off, out.to(o_ref.dtype.element_ty), mask=q_mask)
   lse = tl.where(pos, m_i + tl.log(l_safe), float("-inf"))
-  tl.store(lse_ref + (b * H + h) * SQ + qs, lse, mask=q_ok)
+  tl.store(lse_ref + (b * H + h) * SQ + qs, lse, mask=qs < SQ)
 
 
 @triton.jit
@@ -125,24 +158,9 @@ def dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, fc_ref, fi_ref, p
               HPM: tl.constexpr, BITS_B: tl.constexpr, W: tl.constexpr, HAS_MASK: tl.constexpr,
               SCALE: tl.constexpr, PRECISION: tl.constexpr, BKS: tl.constexpr,
               BQS: tl.constexpr):
-  b = tl.program_id(0)
-  h = tl.program_id(1)
-  i = tl.program_id(2)
-  mb = b if MB > 1 else 0
-  row = (mb * HM + h // HPM) * NQ + i
-  bits_row = (b if BITS_B > 1 else 0) * (NQ * BQ)
-  hk = h // G
-  qs = i * BQ + tl.arange(0, BQ)
-  ds = tl.arange(0, DP)
-  q_ok = qs < SQ
-  d_ok = ds < D
-  q_off = ((b * SQ + qs[:, None]).to(tl.int64) * H + h) * D + ds[None, :]
-  q_mask = q_ok[:, None] & d_ok[None, :]
-  q = tl.load(q_ref + q_off, mask=q_mask, other=0.0)
-  do = tl.load(do_ref + q_off, mask=q_mask, other=0.0)
-  lse = tl.load(lse_ref + (b * H + h) * SQ + qs, mask=q_ok, other=0.0)
-  lse = tl.where(lse == float("-inf"), 0.0, lse)
-  delta = tl.load(delta_ref + (b * H + h) * SQ + qs, mask=q_ok, other=0.0)
+  b, h, row, bits_row, hk, qs, ds, d_ok = _q_block_program(G, D, DP, BQ, NQ, MB, HM, HPM, BITS_B)
+  q, do, lse, delta, q_off, q_mask = _load_q_rows(q_ref, do_ref, lse_ref, delta_ref, b, h, qs,
+                                                  ds, d_ok, H, SQ, D)
   dq = tl.zeros((BQ, DP), tl.float32)
   n_full = tl.load(fc_ref + row)
   n_all = n_full + tl.load(pc_ref + row)
@@ -150,10 +168,7 @@ def dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, fc_ref, fi_ref, p
     j = _block_index(fi_ref, pi_ref, row * NK, s, n_full)
     for sub in range(0, BK, BKS):
       kvs = j * BK + sub + tl.arange(0, BKS)
-      kv_off = ((b * SKV + kvs[:, None]).to(tl.int64) * (H // G) + hk) * D + ds[None, :]
-      kv_mask = (kvs[:, None] < SKV) & d_ok[None, :]
-      kt = tl.load(k_ref + kv_off, mask=kv_mask, other=0.0)
-      vt = tl.load(v_ref + kv_off, mask=kv_mask, other=0.0)
+      kt, vt, _, _ = _load_kv(k_ref, v_ref, b, hk, kvs, ds, d_ok, H // G, SKV, D)
       sc = tl.dot(q, tl.trans(kt), input_precision=PRECISION) * SCALE
       ok = _allowed(bits_ref, bits_row, qs, kvs, s - n_full, SKV, W, HAS_MASK)
       p = tl.where(ok, tl.exp(sc - lse[:, None]), 0.0)
@@ -180,10 +195,7 @@ def dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, fc_ref, fi_ref, 
   kvs = j * BK + tl.arange(0, BK)
   ds = tl.arange(0, DP)
   d_ok = ds < D
-  kv_off = ((b * SKV + kvs[:, None]).to(tl.int64) * (H // G) + hk) * D + ds[None, :]
-  kv_mask = (kvs[:, None] < SKV) & d_ok[None, :]
-  kt = tl.load(k_ref + kv_off, mask=kv_mask, other=0.0)
-  vt = tl.load(v_ref + kv_off, mask=kv_mask, other=0.0)
+  kt, vt, kv_off, kv_mask = _load_kv(k_ref, v_ref, b, hk, kvs, ds, d_ok, H // G, SKV, D)
   dk = tl.zeros((BK, DP), tl.float32)
   dv = tl.zeros((BK, DP), tl.float32)
   for gi in range(0, G):
@@ -195,14 +207,8 @@ def dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, fc_ref, fi_ref, 
       i = _block_index(fi_ref, pi_ref, row * NQ, s, n_full)
       for sub in range(0, BQ, BQS):  # the block's queries in sub-tiles of BQS
         qs = i * BQ + sub + tl.arange(0, BQS)
-        q_ok = qs < SQ
-        q_off = ((b * SQ + qs[:, None]).to(tl.int64) * H + h) * D + ds[None, :]
-        q_mask = q_ok[:, None] & d_ok[None, :]
-        q = tl.load(q_ref + q_off, mask=q_mask, other=0.0)
-        do = tl.load(do_ref + q_off, mask=q_mask, other=0.0)
-        lse = tl.load(lse_ref + (b * H + h) * SQ + qs, mask=q_ok, other=0.0)
-        lse = tl.where(lse == float("-inf"), 0.0, lse)
-        delta = tl.load(delta_ref + (b * H + h) * SQ + qs, mask=q_ok, other=0.0)
+        q, do, lse, delta, _, _ = _load_q_rows(q_ref, do_ref, lse_ref, delta_ref, b, h, qs, ds,
+                                               d_ok, H, SQ, D)
         sc = tl.dot(q, tl.trans(kt), input_precision=PRECISION) * SCALE
         ok = _allowed(bits_ref, bits_row, qs, kvs, s - n_full, SKV, W, HAS_MASK)
         p = tl.where(ok, tl.exp(sc - lse[:, None]), 0.0)

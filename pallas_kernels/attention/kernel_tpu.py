@@ -81,11 +81,22 @@ def _mb(dims):
   return (lambda b: b) if dims.mask_batch > 1 else (lambda b: 0)
 
 
+def _token_mask(fn, partial, i, j, qd_refs, kd_refs, dims: Dims, *, kv_major: bool):
+  """Token mask of block (q-block ``i``, kv-block ``j``), ``[bq, bk]`` (``[bk, bq]`` with
+  ``kv_major``, the backward's orientation), or ``None`` when nothing is masked."""
+  bq, bk = dims.q_block, dims.kv_block
+  q_axis, kv_axis = (1, 0) if kv_major else (0, 1)
+  q_shape, kv_shape = ((1, bq), (bk, 1)) if kv_major else ((bq, 1), (1, bk))
+  q_pos = i * bq + lax.broadcasted_iota(jnp.int32, q_shape, q_axis)
+  kv_pos = j * bk + lax.broadcasted_iota(jnp.int32, kv_shape, kv_axis)
+  return allowed_in_block(fn, partial, q_pos, kv_pos, tuple(r[...] for r in qd_refs),
+                          tuple(r[...] for r in kd_refs), dims.kv_len, dims.ragged_kv)
+
+
 # ------------------------------------------------------------------- forward
 def _fwd_kernel(sched_ref, q_ref, k_ref, v_ref, *rest, dims: Dims, scale, fn, n_qd, n_kd):
   qd_refs, kd_refs = rest[:n_qd], rest[n_qd:n_qd + n_kd]
   o_ref, lse_ref, m_scr, l_scr, acc_scr = rest[n_qd + n_kd:]
-  bq, bk = dims.q_block, dims.kv_block
   b, h, i, s = (pl.program_id(a) for a in range(4))
   kind, j = _kind_entry(sched_ref[_mb(dims)(b), h // dims.heads_per_mask_head, i, s])
 
@@ -99,10 +110,7 @@ def _fwd_kernel(sched_ref, q_ref, k_ref, v_ref, *rest, dims: Dims, scale, fn, n_
     q, kt, vt = q_ref[...], k_ref[...], v_ref[...]
     sc = lax.dot_general(q, kt, (((1,), (1,)), ((), ())),
                          preferred_element_type=jnp.float32) * scale
-    q_pos = i * bq + lax.broadcasted_iota(jnp.int32, (bq, 1), 0)
-    kv_pos = j * bk + lax.broadcasted_iota(jnp.int32, (1, bk), 1)
-    ok = allowed_in_block(fn, partial, q_pos, kv_pos, tuple(r[...] for r in qd_refs),
-                          tuple(r[...] for r in kd_refs), dims.kv_len, dims.ragged_kv)
+    ok = _token_mask(fn, partial, i, j, qd_refs, kd_refs, dims, kv_major=False)
     if ok is not None:
       sc = jnp.where(ok, sc, -jnp.inf)
     m_prev = m_scr[...]
@@ -175,6 +183,7 @@ def flash_fwd(q, k, v, block_mask: BlockMask, dims: Dims, *, scale: float, inter
 # ------------------------------------------------------------------ backward
 def _bwd_step(q, kt, vt, do, lse, delta, ok, scale):
   """Transposed-orientation block: returns (p^T, ds^T) of shape [bk, bq]."""
+  lse = jnp.where(lse == -jnp.inf, 0.0, lse)  # rows that attend nothing: p = 0, not NaN
   st = lax.dot_general(kt, q, (((1,), (1,)), ((), ())),
                        preferred_element_type=jnp.float32) * scale
   pt = jnp.exp(st - lse)
@@ -188,7 +197,6 @@ def _dq_kernel(sched_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest
                scale, fn, n_qd, n_kd):
   qd_refs, kd_refs = rest[:n_qd], rest[n_qd:n_qd + n_kd]
   dq_ref, dq_scr = rest[n_qd + n_kd:]
-  bq, bk = dims.q_block, dims.kv_block
   b, h, i, s = (pl.program_id(a) for a in range(4))
   kind, j = _kind_entry(sched_ref[_mb(dims)(b), h // dims.heads_per_mask_head, i, s])
 
@@ -198,13 +206,9 @@ def _dq_kernel(sched_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest
 
   def step(partial):
     kt = k_ref[...]
-    lse = lse_ref[...]
-    lse = jnp.where(lse == -jnp.inf, 0.0, lse)
-    q_pos = i * bq + lax.broadcasted_iota(jnp.int32, (1, bq), 1)
-    kv_pos = j * bk + lax.broadcasted_iota(jnp.int32, (bk, 1), 0)
-    ok = allowed_in_block(fn, partial, q_pos, kv_pos, tuple(r[...] for r in qd_refs),
-                          tuple(r[...] for r in kd_refs), dims.kv_len, dims.ragged_kv)
-    _, dst = _bwd_step(q_ref[...], kt, v_ref[...], do_ref[...], lse, delta_ref[...], ok, scale)
+    ok = _token_mask(fn, partial, i, j, qd_refs, kd_refs, dims, kv_major=True)
+    _, dst = _bwd_step(q_ref[...], kt, v_ref[...], do_ref[...], lse_ref[...], delta_ref[...], ok,
+                       scale)
     dq_scr[...] += lax.dot_general(dst.astype(kt.dtype), kt, (((0,), (0,)), ((), ())),
                                    preferred_element_type=jnp.float32)
 
@@ -220,7 +224,7 @@ def _dkv_kernel(sched_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *res
                 scale, fn, n_qd, n_kd):
   qd_refs, kd_refs = rest[:n_qd], rest[n_qd:n_qd + n_kd]
   dk_ref, dv_ref, dk_scr, dv_scr = rest[n_qd + n_kd:]
-  bq, bk, nq = dims.q_block, dims.kv_block, dims.nq
+  nq = dims.nq
   b, hk, j, t = (pl.program_id(a) for a in range(4))
   h = hk * dims.group + t // nq
   kind, i = _kind_entry(sched_ref[_mb(dims)(b), h // dims.heads_per_mask_head, j, t % nq])
@@ -232,13 +236,8 @@ def _dkv_kernel(sched_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *res
 
   def step(partial):
     q, do = q_ref[...], do_ref[...]
-    lse = lse_ref[...]
-    lse = jnp.where(lse == -jnp.inf, 0.0, lse)
-    q_pos = i * bq + lax.broadcasted_iota(jnp.int32, (1, bq), 1)
-    kv_pos = j * bk + lax.broadcasted_iota(jnp.int32, (bk, 1), 0)
-    ok = allowed_in_block(fn, partial, q_pos, kv_pos, tuple(r[...] for r in qd_refs),
-                          tuple(r[...] for r in kd_refs), dims.kv_len, dims.ragged_kv)
-    pt, dst = _bwd_step(q, k_ref[...], v_ref[...], do, lse, delta_ref[...], ok, scale)
+    ok = _token_mask(fn, partial, i, j, qd_refs, kd_refs, dims, kv_major=True)
+    pt, dst = _bwd_step(q, k_ref[...], v_ref[...], do, lse_ref[...], delta_ref[...], ok, scale)
     dv_scr[...] += lax.dot_general(pt.astype(do.dtype), do, (((1,), (0,)), ((), ())),
                                    preferred_element_type=jnp.float32)
     dk_scr[...] += lax.dot_general(dst.astype(q.dtype), q, (((1,), (0,)), ((), ())),

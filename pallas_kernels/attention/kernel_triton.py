@@ -65,12 +65,25 @@ def _mask_idx(dims: Dims):
   return mb, mh
 
 
+def _kv_block(k_ref, v_ref, kd_refs, j, q, q_pos, qd, partial, *, fn, dims: Dims, scale, ct):
+  """kv-block ``j`` of a q-block's walk: ``(k, v, scaled logits, token mask or None)``."""
+  bk = dims.kv_block
+  start = pl.multiple_of(j * bk, bk)
+  kt = k_ref[pl.ds(start, bk), :]
+  vt = v_ref[pl.ds(start, bk), :]
+  sc = _dot(q, kt, (1, 1), ct) * scale
+  kv_pos = start + lax.broadcasted_iota(jnp.int32, (1, bk), 1)
+  kd = tuple(r[pl.ds(start, bk)][None, :] for r in kd_refs)
+  ok = allowed_in_block(fn, partial, q_pos, kv_pos, qd, kd, dims.kv_len, dims.ragged_kv)
+  return kt, vt, sc, ok
+
+
 # ------------------------------------------------------------------- forward
 def _fwd_kernel(q_ref, k_ref, v_ref, fc_ref, fi_ref, pc_ref, pi_ref, *rest, dims: Dims,
                 scale, fn, n_qd, n_kd, ct):
   qd_refs, kd_refs = rest[:n_qd], rest[n_qd:n_qd + n_kd]
   o_ref, lse_ref = rest[n_qd + n_kd:]
-  bq, bk = dims.q_block, dims.kv_block
+  bq = dims.q_block
   i = pl.program_id(2)
   q = q_ref[...]
   q_pos = i * bq + lax.broadcasted_iota(jnp.int32, (bq, 1), 0)
@@ -79,13 +92,8 @@ def _fwd_kernel(q_ref, k_ref, v_ref, fc_ref, fi_ref, pc_ref, pi_ref, *rest, dims
   def make_body(idx_ref, row, partial):
     def body(s, carry):
       acc, m, l = carry
-      start = pl.multiple_of(idx_ref[row, s] * bk, bk)
-      kt = k_ref[pl.ds(start, bk), :]
-      vt = v_ref[pl.ds(start, bk), :]
-      sc = _dot(q, kt, (1, 1), ct) * scale
-      kv_pos = start + lax.broadcasted_iota(jnp.int32, (1, bk), 1)
-      kd = tuple(r[pl.ds(start, bk)][None, :] for r in kd_refs)
-      ok = allowed_in_block(fn, partial, q_pos, kv_pos, qd, kd, dims.kv_len, dims.ragged_kv)
+      kt, vt, sc, ok = _kv_block(k_ref, v_ref, kd_refs, idx_ref[row, s], q, q_pos, qd,
+                                 partial, fn=fn, dims=dims, scale=scale, ct=ct)
       if ok is not None:
         sc = jnp.where(ok, sc, -jnp.inf)
       m_new = jnp.maximum(m, jnp.max(sc, axis=1))
@@ -159,7 +167,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, fc_ref, fi_ref, 
                *rest, dims: Dims, scale, fn, n_qd, n_kd, ct):
   qd_refs, kd_refs = rest[:n_qd], rest[n_qd:n_qd + n_kd]
   (dq_ref,) = rest[n_qd + n_kd:]
-  bq, bk = dims.q_block, dims.kv_block
+  bq = dims.q_block
   i = pl.program_id(2)
   q, do = q_ref[...], do_ref[...]
   lse = lse_ref[...]
@@ -170,13 +178,8 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, fc_ref, fi_ref, 
 
   def make_body(idx_ref, row, partial):
     def body(s, dq):
-      start = pl.multiple_of(idx_ref[row, s] * bk, bk)
-      kt = k_ref[pl.ds(start, bk), :]
-      vt = v_ref[pl.ds(start, bk), :]
-      sc = _dot(q, kt, (1, 1), ct) * scale
-      kv_pos = start + lax.broadcasted_iota(jnp.int32, (1, bk), 1)
-      kd = tuple(r[pl.ds(start, bk)][None, :] for r in kd_refs)
-      ok = allowed_in_block(fn, partial, q_pos, kv_pos, qd, kd, dims.kv_len, dims.ragged_kv)
+      kt, vt, sc, ok = _kv_block(k_ref, v_ref, kd_refs, idx_ref[row, s], q, q_pos, qd,
+                                 partial, fn=fn, dims=dims, scale=scale, ct=ct)
       p = jnp.exp(sc - lse)
       if ok is not None:
         p = jnp.where(ok, p, 0.0)

@@ -20,6 +20,8 @@ once per mask *kind*, not once per mask object.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import operator
 from typing import Any, Callable
 
 import jax
@@ -184,6 +186,12 @@ def _split(data, sizes):
   return out
 
 
+def _each_mask(combined, q_idx, kv_idx, q_data, kv_data):
+  """The masks of an :class:`AndFn` / :class:`OrFn`'s functions, each on its share of the data."""
+  return [fn(q_idx, kv_idx, qd, kd) for fn, qd, kd in zip(
+      combined.fns, _split(q_data, combined.q_sizes), _split(kv_data, combined.kv_sizes))]
+
+
 @dataclasses.dataclass(frozen=True)
 class AndFn:
   """Conjunction of mask functions; ``q_sizes``/``kv_sizes`` split the concatenated data.
@@ -198,11 +206,7 @@ class AndFn:
   kv_sizes: tuple
 
   def __call__(self, q_idx, kv_idx, q_data, kv_data):
-    out = None
-    for fn, qd, kd in zip(self.fns, _split(q_data, self.q_sizes), _split(kv_data, self.kv_sizes)):
-      m = fn(q_idx, kv_idx, qd, kd)
-      out = m if out is None else out & m
-    return out
+    return functools.reduce(operator.and_, _each_mask(self, q_idx, kv_idx, q_data, kv_data))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -219,8 +223,4 @@ class OrFn:
   kv_sizes: tuple
 
   def __call__(self, q_idx, kv_idx, q_data, kv_data):
-    out = None
-    for fn, qd, kd in zip(self.fns, _split(q_data, self.q_sizes), _split(kv_data, self.kv_sizes)):
-      m = fn(q_idx, kv_idx, qd, kd)
-      out = m if out is None else out | m
-    return out
+    return functools.reduce(operator.or_, _each_mask(self, q_idx, kv_idx, q_data, kv_data))

@@ -52,6 +52,20 @@ def _check_backend(impl: _Impl, dims: Dims, block_mask: BlockMask):
     kernel_mosaic_gpu.check_shapes(dims, block_mask)
 
 
+def _jax_triton_kwargs(impl: _Impl) -> dict:
+  """Keyword arguments of the ``jax_triton`` kernels (forward and backward)."""
+  return dict(interpret=impl.interpret, num_warps=impl.num_warps, num_stages=impl.num_stages)
+
+
+def _triton_kwargs(impl: _Impl, dims: Dims) -> dict:
+  """Keyword arguments of the Pallas Triton kernels: the interpreter, or Triton compiler params."""
+  from pallas_kernels.attention import kernel_triton  # pylint: disable=g-import-not-at-top
+  interpret = impl.backend == "interpret" or impl.interpret
+  params = None if interpret else kernel_triton.triton_compiler_params(
+      impl.num_warps, impl.num_stages, dims.head_dim)
+  return dict(interpret=interpret, compiler_params=params)
+
+
 def _forward(q, k, v, block_mask, scale, impl: _Impl):
   dims = check_inputs(q, k, v, block_mask, check_values=False)
   if impl.backend == "reference":
@@ -60,15 +74,11 @@ def _forward(q, k, v, block_mask, scale, impl: _Impl):
   if impl.backend == "jax_triton":
     from pallas_kernels.attention import kernel_jax_triton  # pylint: disable=g-import-not-at-top
     return kernel_jax_triton.flash_fwd(q, k, v, block_mask, dims, scale=scale,
-                                       interpret=impl.interpret, num_warps=impl.num_warps,
-                                       num_stages=impl.num_stages)
+                                       **_jax_triton_kwargs(impl))
   if impl.backend in ("triton", "interpret"):
     from pallas_kernels.attention import kernel_triton  # pylint: disable=g-import-not-at-top
-    interpret = impl.backend == "interpret" or impl.interpret
-    params = None if interpret else kernel_triton.triton_compiler_params(
-        impl.num_warps, impl.num_stages, dims.head_dim)
-    return kernel_triton.flash_fwd(q, k, v, block_mask, dims, scale=scale, interpret=interpret,
-                                   compiler_params=params)
+    return kernel_triton.flash_fwd(q, k, v, block_mask, dims, scale=scale,
+                                   **_triton_kwargs(impl, dims))
   if impl.backend == "tpu":
     from pallas_kernels.attention import kernel_tpu  # pylint: disable=g-import-not-at-top
     return kernel_tpu.flash_fwd(q, k, v, block_mask, dims, scale=scale, interpret=impl.interpret)
@@ -94,15 +104,11 @@ def _backward(q, k, v, out, lse, d_out, d_lse, block_mask, scale, impl: _Impl):
   if impl.backend == "jax_triton":
     from pallas_kernels.attention import kernel_jax_triton  # pylint: disable=g-import-not-at-top
     return kernel_jax_triton.flash_bwd(q, k, v, d_out, lse, delta, block_mask, dims, scale=scale,
-                                       interpret=impl.interpret, num_warps=impl.num_warps,
-                                       num_stages=impl.num_stages)
+                                       **_jax_triton_kwargs(impl))
   if impl.backend in ("triton", "interpret"):
     from pallas_kernels.attention import kernel_triton  # pylint: disable=g-import-not-at-top
-    interpret = impl.backend == "interpret" or impl.interpret
-    params = None if interpret else kernel_triton.triton_compiler_params(
-        impl.num_warps, impl.num_stages, dims.head_dim)
     return kernel_triton.flash_bwd(q, k, v, d_out, lse, delta, block_mask, dims, scale=scale,
-                                   interpret=interpret, compiler_params=params)
+                                   **_triton_kwargs(impl, dims))
   if impl.backend == "tpu":
     from pallas_kernels.attention import kernel_tpu  # pylint: disable=g-import-not-at-top
     return kernel_tpu.flash_bwd(q, k, v, d_out, lse, delta, block_mask, dims, scale=scale,
