@@ -112,3 +112,28 @@ def test_leafwise_errors_name_the_leaf():
     leafwise_topk_masks(s, {"a": 1})
   with pytest.raises(TypeError, match="k at 'a' must be an integer"):
     leafwise_topk_masks(s, {"a": 0.5, "b": 1})
+
+
+def test_leafwise_k_forms_share_one_path():
+  # An int, a tree and a vector of counts give the same masks (eager and traced);
+  # traced counts are clipped; concrete ones are checked, naming the leaf.
+  rng = np.random.default_rng(2)
+  s = {"a": rng.normal(size=(3, 4)).astype(np.float32), "b": rng.normal(size=(5,)).astype(np.float32)}
+  ref = {name: ref_leaf(x, 3) for name, x in s.items()}
+  sel = jax.jit(leafwise_topk_masks)
+  for k in (3, np.int32(3), {"a": 3, "b": jnp.int32(3)}, jnp.array([3, 3])):
+    for got in (leafwise_topk_masks(s, k), sel(s, k)):
+      for name in s:
+        np.testing.assert_array_equal(got[name], ref[name])
+  clipped = sel(s, {"a": 20, "b": -1})  # traced under jit: clipped to [0, size]
+  assert np.asarray(clipped["a"]).all() and not np.asarray(clipped["b"]).any()
+  with pytest.raises(ValueError, match=r"k=6 at 'b' is outside \[0, 5\]"):
+    leafwise_topk_masks(s, 6)
+  with pytest.raises(ValueError, match=r"k=-1 at 'a'"):
+    leafwise_topk_masks(s, jnp.array([-1, 2]))
+  with pytest.raises(ValueError, match=r"k=9 at 'b'"):  # a concrete entry next to a traced one
+    jax.jit(lambda ka: leafwise_topk_masks(s, {"a": ka, "b": 9}))(2)
+  with pytest.raises(TypeError, match="k must be an integer, got bool"):
+    leafwise_topk_masks(s, True)
+  with pytest.raises(TypeError, match="k must be integers, got float32"):
+    leafwise_topk_masks(s, jnp.array([1.0, 2.0]))

@@ -944,25 +944,41 @@ def leafwise_topk_masks(scores: Any, k: Any, *, masks: Any = None, score_fn=None
   ([True, False, False], [False, True, True])
   """
   paths, leaves, eligible = _flatten(scores, masks, score_fn)
+  kv = _leaf_counts(k, paths, np.asarray([leaf.size for leaf in leaves]))
+  _check_method(method, radix_bits)
+  out = _run_leafwise(leaves, eligible, kv, method, radix_bits)
+  return jax.tree.unflatten(jax.tree.structure(scores, is_leaf=is_lazy), out)
+
+
+def _concrete_ints(x) -> np.ndarray | None:
+  """``x`` as a NumPy array, or None where it is traced."""
+  if isinstance(x, jax.core.Tracer):
+    return None
+  try:
+    return np.asarray(x)
+  except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+    return None
+
+
+def _leaf_counts(k, paths, sizes: np.ndarray) -> jax.Array:
+  """The per-leaf counts of :func:`leafwise_topk_masks` as one checked, clipped vector.
+
+  Every form of ``k`` becomes a vector first: an int is repeated, a tree like the
+  scores is stacked (NumPy where all its entries are concrete), a vector is taken
+  as it is. The checks (integer dtype, ``0 <= k <= size`` where concrete, naming
+  the leaf) and the clipping then run once on that vector.
+  """
+  n, entries = len(paths), None
+  if isinstance(k, bool):
+    raise TypeError("leafwise selection: k must be an integer, got bool.")
   if isinstance(k, (int, np.integer)) or (hasattr(k, "dtype") and np.ndim(k) == 0):
-    ks = [k] * len(leaves)
+    c = _concrete_ints(k)
+    kv = jnp.broadcast_to(k, (n,)) if c is None else np.full((n,), c)
   elif hasattr(k, "dtype") and np.ndim(k) == 1:  # one count per leaf, as a vector
-    if np.shape(k) != (len(leaves),):
-      raise ValueError(f"leafwise selection: a k vector needs one entry per leaf ({len(leaves)}), "
+    if np.shape(k) != (n,):
+      raise ValueError(f"leafwise selection: a k vector needs one entry per leaf ({n}), "
                        f"got shape {np.shape(k)}.")
-    if not jnp.issubdtype(k.dtype, jnp.integer):
-      raise TypeError(f"leafwise selection: k must be integers, got {k.dtype}.")
-    sizes = np.asarray([leaf.size for leaf in leaves])
-    if not isinstance(k, jax.core.Tracer):
-      bad = np.flatnonzero((np.asarray(k) < 0) | (np.asarray(k) > sizes))
-      if bad.size:
-        i = int(bad[0])
-        raise ValueError(f"leafwise selection: k={int(np.asarray(k)[i])} at '{paths[i]}' is outside "
-                         f"[0, {int(sizes[i])}] (the leaf's size).")
-    kv = jnp.clip(jnp.asarray(k).astype(_count_dtype()), 0, sizes)  # traced: clipped
-    _check_method(method, radix_bits)
-    out = _run_leafwise(leaves, eligible, kv, method, radix_bits)
-    return jax.tree.unflatten(jax.tree.structure(scores, is_leaf=is_lazy), out)
+    kv = k
   else:
     flat = jax.tree_util.tree_flatten_with_path(k)[0]
     k_paths = [_paths.path_str(p) for p, _ in flat]
@@ -970,19 +986,26 @@ def leafwise_topk_masks(scores: Any, k: Any, *, masks: Any = None, score_fn=None
       raise ValueError(f"leafwise selection: k has leaves {k_paths} but scores have {paths}; pass an "
                        "int or a tree like scores.")
     ks = [x for _, x in flat]
-  for p, leaf, kk in zip(paths, leaves, ks):
-    dt = jnp.result_type(kk)
-    if not jnp.issubdtype(dt, jnp.integer) or isinstance(kk, bool):
-      raise TypeError(f"leafwise selection: k at '{p}' must be an integer, got {dt}.")
-    if not isinstance(kk, jax.core.Tracer) and not 0 <= int(kk) <= leaf.size:
-      raise ValueError(f"leafwise selection: k={int(kk)} at '{p}' is outside [0, {leaf.size}] "
-                       "(the leaf's size).")
+    for p, kk in zip(paths, ks):  # the entries' own dtypes (a stack would promote them)
+      dt = jnp.result_type(kk)
+      if not jnp.issubdtype(dt, jnp.integer) or isinstance(kk, bool):
+        raise TypeError(f"leafwise selection: k at '{p}' must be an integer, got {dt}.")
+    entries = [_concrete_ints(kk) for kk in ks]
+    kv = (np.stack(entries) if all(c is not None for c in entries)
+          else jnp.stack([jnp.asarray(kk, _count_dtype()) for kk in ks]))
+  if not jnp.issubdtype(jnp.result_type(kv), jnp.integer):
+    raise TypeError(f"leafwise selection: k must be integers, got {jnp.result_type(kv)}.")
+  values = _concrete_ints(kv)
+  if values is None and entries is not None:  # a tree with traced entries: check the others
+    values = np.stack([np.int64(0) if c is None else c for c in entries])
+  if values is not None:  # traced entries cannot be checked: they are clipped
+    bad = np.flatnonzero((values < 0) | (values > sizes))
+    if bad.size:
+      i = int(bad[0])
+      raise ValueError(f"leafwise selection: k={int(values[i])} at '{paths[i]}' is outside "
+                       f"[0, {int(sizes[i])}] (the leaf's size).")
   # One vector of counts (one kernel, not one scalar kernel per leaf).
-  kv = jnp.stack([jnp.asarray(kk, _count_dtype()) for kk in ks])
-  kv = jnp.clip(kv, 0, np.asarray([leaf.size for leaf in leaves]))
-  _check_method(method, radix_bits)
-  out = _run_leafwise(leaves, eligible, kv, method, radix_bits)
-  return jax.tree.unflatten(jax.tree.structure(scores, is_leaf=is_lazy), out)
+  return jnp.clip(jnp.asarray(kv).astype(_count_dtype()), 0, sizes)
 
 
 def _check_method(method, radix_bits):
