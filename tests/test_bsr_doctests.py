@@ -11,6 +11,7 @@ MODULES = [
     "pallas_kernels.matmul.format",
     "pallas_kernels.matmul.op",
     "pallas_kernels.matmul.reference",
+    "pallas_kernels.matmul.xla_cpu",
     "pallas_kernels.matmul.kernel_triton",
     "pallas_kernels.matmul.kernel_tpu",
     "pallas_kernels.matmul.kernel_mosaic_gpu",

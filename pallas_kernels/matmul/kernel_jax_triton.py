@@ -105,9 +105,10 @@ def spmm(a: jax.Array, w: BlockSparseMatrix, *, transpose: bool = False, interpr
 
   >>> import jax.numpy as jnp
   >>> from pallas_kernels.matmul.format import bsr_from_dense
-  >>> w = bsr_from_dense(jnp.ones((32, 32)), jnp.ones((32, 32), bool), (16, 16))
-  >>> float(spmm(jnp.ones((2, 32)), w, interpret=True)[0, 0])
-  32.0
+  >>> w = bsr_from_dense(jnp.ones((32, 16)), jnp.ones((32, 16), bool), (16, 16))
+  >>> y = spmm(jnp.ones((2, 16)), w, transpose=True, interpret=True)  # a @ W^T
+  >>> y.shape, float(y[0, 0])
+  ((2, 32), 16.0)
   """
   ptr, inner, slot = _common.compressed_view(w, transpose)
   bk, bo, groups = _common.spmm_dims(w, transpose)
@@ -137,9 +138,11 @@ def sddmm(a: jax.Array, b: jax.Array, w: BlockSparseMatrix, *, interpret: bool =
 
   >>> import jax.numpy as jnp
   >>> from pallas_kernels.matmul.format import bsr_from_dense
-  >>> w = bsr_from_dense(jnp.ones((16, 16)), jnp.ones((16, 16), bool), (16, 16))
-  >>> float(sddmm(jnp.ones((4, 16)), jnp.ones((4, 16)), w, interpret=True)[0, 0, 0])
-  4.0
+  >>> mask = jnp.kron(jnp.eye(2), jnp.ones((16, 16))) > 0  # the 2 diagonal blocks
+  >>> w = bsr_from_dense(jnp.ones((32, 32)), mask, (16, 16))
+  >>> dw = sddmm(jnp.ones((4, 32)), jnp.full((4, 32), 0.5), w, interpret=True)
+  >>> dw.shape, float(dw[1, 0, 0])
+  ((2, 16, 16), 2.0)
   """
   br, bc = w.block_shape
   m = a.shape[0]

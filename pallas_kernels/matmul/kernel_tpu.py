@@ -121,8 +121,9 @@ def spmm(
 
   >>> import jax.numpy as jnp
   >>> from pallas_kernels.matmul.format import bsr_from_dense
-  >>> w = bsr_from_dense(jnp.ones((128, 128)), jnp.ones((128, 128), bool), (128, 128))
-  >>> float(spmm(jnp.ones((8, 128)), w, interpret=True)[0, 0])
+  >>> mask = jnp.ones((256, 128), bool).at[128:].set(False)  # one of the two blocks stored
+  >>> w = bsr_from_dense(jnp.ones((256, 128)), mask, (128, 128))
+  >>> float(spmm(jnp.ones((8, 256)), w, interpret=True)[0, 0])
   128.0
   """
   ptr, inner, slot = _common.compressed_view(w, transpose)
@@ -184,9 +185,10 @@ def sddmm(
 
   >>> import jax.numpy as jnp
   >>> from pallas_kernels.matmul.format import bsr_from_dense
-  >>> w = bsr_from_dense(jnp.ones((128, 128)), jnp.ones((128, 128), bool), (128, 128))
-  >>> float(sddmm(jnp.ones((8, 128)), jnp.ones((8, 128)), w, interpret=True)[0, 0, 0])
-  8.0
+  >>> w = bsr_from_dense(jnp.ones((128, 256)), jnp.ones((128, 256), bool), (128, 128))
+  >>> dw = sddmm(jnp.ones((8, 128)), jnp.ones((8, 256)), w, interpret=True)  # 8 tokens
+  >>> dw.shape, float(dw[1, 0, 0])
+  ((2, 128, 128), 8.0)
   """
   br, bc = w.block_shape
   m = a.shape[0]

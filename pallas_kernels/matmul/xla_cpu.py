@@ -145,9 +145,10 @@ def sddmm(a: jax.Array, b: jax.Array, w: BlockSparseMatrix) -> jax.Array:
 
   >>> import jax.numpy as jnp
   >>> from pallas_kernels.matmul.format import bsr_from_dense
-  >>> w = bsr_from_dense(jnp.ones((2, 4)), jnp.array([[0, 0, 1, 1]] * 2, bool), (2, 2))
-  >>> sddmm(jnp.ones((3, 2)), jnp.ones((3, 4)), w)[0].tolist()
-  [[3.0, 3.0], [3.0, 3.0]]
+  >>> w = bsr_from_dense(jnp.ones((2, 4)), jnp.array([[0, 0, 1, 1]] * 2, bool), (2, 2),
+  ...                    capacity=2)
+  >>> sddmm(jnp.ones((3, 2)), jnp.arange(12.0).reshape(3, 4), w).tolist()  # slot 1: padding
+  [[[18.0, 21.0], [18.0, 21.0]], [[0.0, 0.0], [0.0, 0.0]]]
   """
   if a.shape[0] > TOKEN_TILE:
     (a_tiles, tiles), (b_tiles, _) = _tiles(a), _tiles(b)
