@@ -24,7 +24,10 @@ persistent in the same way over (batch, kv head, 128-row kv-block) items, whose 
 streams Q/dO/LSE/delta blocks over the transposed schedules of all query heads
 of the GQA group (so dK/dV need no extra reduction). Each visited q-block is processed
 in two 64-column halves, so that S^T, P^T and dP^T fit in registers beside the dK and dV
-accumulators at head_dim 128 (ptxas: at most 176 B/thread of spills instead of 1.3-1.9 KB).
+accumulators at head_dim 128. Register pressure (ptxas, H100, jax 0.10.2 and 0.12: no spills in
+dK/dV): one barrier per ring slot for all of a step's copies (mask data: an arrival without a
+copy on full blocks), the dP^T accumulator starting at -delta, and the memory warpgroup's
+branch lowered first (ptxas otherwise spilled values live across ``setmaxnreg``).
 
 Lowering semantics are Lane on every jax version (``_compiler_params``): the default changed
 from Lane to Warpgroup in jax 0.11, and Warpgroup's layout inference does not finish on the
@@ -263,19 +266,20 @@ def _mask_fn(block_mask):
 
 
 def _mma_into(acc, a, b, interpret: bool, a_smem=None):
-  """``acc + a @ b`` with wgmma, ``a`` a register array (``p``, ``ds``).
+  """``acc + a @ b`` with wgmma; ``a`` a register array (``p``, ``ds``) or a shared-memory ref.
 
-  On hardware ``a`` stays in registers and the accumulator is updated in place
+  On hardware a register ``a`` stays in registers and the accumulator is updated in place
   (``run_state`` over ``ACC.init(acc)``), as in FlashAttention-3. The Mosaic GPU
   interpreter (jax 0.12) supports neither register operands nor ``run_state``, so
-  there ``a`` goes through the shared-memory buffer ``a_smem`` and the product
+  there a register ``a`` goes through the shared-memory buffer ``a_smem`` and the product
   through a fresh accumulator that is added.
   """
   plgpu = _plgpu()
   if interpret:
-    a_smem[...] = a
-    plgpu.commit_smem()
-    a = a_smem
+    if a_smem is not None:
+      a_smem[...] = a
+      plgpu.commit_smem()
+      a = a_smem
 
     def fresh(acc_ref):
       plgpu.wgmma(acc_ref, a, b)
@@ -687,10 +691,9 @@ def _dkv_kernel(dims: Dims, *, scale: float, fn, n_qd: int, n_kd: int, mc: int, 
       copies = [(k_ref.at[b, rows, hk], k_smem), (v_ref.at[b, rows, hk], v_smem)]
       if n_kd:
         copies.append((kd_ref.at[mb, :, rows], kd_smem2.at[wg]))
-      for (src, dst), bar in zip(copies, kv_bars):
-        plgpu.copy_gmem_to_smem(src, dst, bar.at[wg])
-      for bar in kv_bars:
-        plgpu.barrier_wait(bar.at[wg])
+      for src, dst in copies:
+        plgpu.copy_gmem_to_smem(src, dst, kv_bars.at[wg])
+      plgpu.barrier_wait(kv_bars.at[wg])
       # Row vectors (2 registers per thread), broadcast only where a partial block needs them:
       # full-tile ids live across the loops would cost 64 registers each.
       kv_row = kv_base + plgpu.broadcasted_iota(jnp.int32, (bkw,), 0, layout=row_layout)
@@ -700,10 +703,7 @@ def _dkv_kernel(dims: Dims, *, scale: float, fn, n_qd: int, n_kd: int, mc: int, 
         dk, dv = carry
         slot = rem(base + t, mc)
         qi, _ = decode(t)
-        for bar in slot_bars[:4]:
-          plgpu.barrier_wait(bar.at[slot])
-        if n_qd and partial:  # the memory warpgroup copies mask data for partial blocks only
-          plgpu.barrier_wait(slot_bars[4].at[slot])
+        plgpu.barrier_wait(slot_bars.at[slot])
         # The q-block in 64-column halves: with the dK and dV accumulators (64 registers each
         # at head_dim 128), a (64, 128) S^T, P^T and dP^T do not fit in 232 registers; halves do.
         for half in range(bq // hw):
@@ -730,13 +730,11 @@ def _dkv_kernel(dims: Dims, *, scale: float, fn, n_qd: int, n_kd: int, mc: int, 
             pt = jnp.where(ok, pt, 0.0)
           dv = _mma_into(dv, pt.astype(dtype), do_h, interpret, a_smem)
 
-          def compute_dpt(acc_ref, do_h=do_h):
-            plgpu.wgmma(acc_ref, v_smem, _transpose(do_h))
-            return acc_ref[...]
-
-          dpt = pl.run_scoped(compute_dpt, plgpu.ACC(shape, jnp.float32))
+          # dP^T - delta: the accumulator starts at -delta, so delta is not live beside pt, dP^T.
           delta = _load(row_smem.at[slot, 1, cols], col_layout)
-          dst = pt * (dpt - lax.broadcast_in_dim(delta, shape, [1]))
+          dpt = _mma_into(-lax.broadcast_in_dim(delta, shape, [1]), v_smem, _transpose(do_h),
+                          interpret)
+          dst = pt * dpt
           dk = _mma_into(dk, dst.astype(dtype), q_h, interpret, a_smem)
         plgpu.barrier_arrive(consumed.at[slot])
         return dk, dv
@@ -767,13 +765,14 @@ def _dkv_kernel(dims: Dims, *, scale: float, fn, n_qd: int, n_kd: int, mc: int, 
                   (lse_ref.at[b, h, rows], row_smem.at[slot, 0]),
                   (delta_ref.at[b, h, rows], row_smem.at[slot, 1]),
                   (do_ref.at[b, rows, h], do_smem.at[slot])]
-        for (src, dst), bar in zip(copies, slot_bars):
-          plgpu.copy_gmem_to_smem(src, dst, bar.at[slot])
-        if n_qd:
-          @pl.when(t >= n_full)  # full blocks need no mask data
+        for src, dst in copies:
+          plgpu.copy_gmem_to_smem(src, dst, slot_bars.at[slot])
+        if n_qd:  # mask data for partial blocks only; full blocks arrive without it
+          @pl.when(t >= n_full)
           def _():
-            plgpu.copy_gmem_to_smem(qd_ref.at[mb, :, rows], qd_smem.at[slot],
-                                    slot_bars[4].at[slot])
+            plgpu.copy_gmem_to_smem(qd_ref.at[mb, :, rows], qd_smem.at[slot], slot_bars.at[slot])
+
+          pl.when(t < n_full)(lambda: plgpu.barrier_arrive(slot_bars.at[slot]))
 
       # As in the forward: ring step base + t reuses its slot once step base + t - mc has
       # released it, and the next entry is read one step ahead of that consumed barrier.
@@ -788,15 +787,17 @@ def _dkv_kernel(dims: Dims, *, scale: float, fn, n_qd: int, n_kd: int, mc: int, 
       lax.fori_loop(0, n_total, stream, entry(0))
       return base + n_total
 
-    @pl.when(wg < _COMPUTE_WGS)
-    def _compute():
-      plgpu.set_max_registers(232, action="increase")
-      lax.fori_loop(0, n_mine, compute_item, jnp.int32(0))
-
+    # The memory branch first: in the other order ptxas spills 8-12 B/thread (jax 0.10.2,
+    # documents mask) of values live across setmaxnreg.
     @pl.when(wg == _COMPUTE_WGS)
     def _memory():
       plgpu.set_max_registers(40, action="decrease")
       lax.fori_loop(0, n_mine, memory_item, jnp.int32(0))
+
+    @pl.when(wg < _COMPUTE_WGS)
+    def _compute():
+      plgpu.set_max_registers(232, action="increase")
+      lax.fori_loop(0, n_mine, compute_item, jnp.int32(0))
 
   return kernel
 
@@ -813,8 +814,8 @@ def _dkv_scratch(dims: Dims, n_qd: int, n_kd: int, mc: int, dtype, interpret: bo
   row_smem = plgpu.SMEM((mc, 2, bq), jnp.float32)
   qd_smem = plgpu.SMEM((mc, n_qd, bq), jnp.int32) if n_qd else None
   a_smem = plgpu.SMEM((_COMPUTE_WGS, bkw, _WG_ROWS), dtype, transforms=tiles) if interpret else None
-  kv_bars = tuple(plgpu.Barrier(num_barriers=_COMPUTE_WGS) for _ in range(3 if n_kd else 2))
-  slot_bars = tuple(plgpu.Barrier(num_barriers=mc) for _ in range(5 if n_qd else 4))
+  kv_bars = plgpu.Barrier(num_arrivals=3 if n_kd else 2, num_barriers=_COMPUTE_WGS)
+  slot_bars = plgpu.Barrier(num_arrivals=5 if n_qd else 4, num_barriers=mc)
   consumed = plgpu.Barrier(num_arrivals=_COMPUTE_WGS, num_barriers=mc)
   return (k_smem, v_smem, kd_smem, q_smem, do_smem, row_smem, qd_smem, a_smem, kv_bars,
           slot_bars, consumed)
