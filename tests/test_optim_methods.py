@@ -190,7 +190,7 @@ _nm_mask = jax.jit(nm_mask, static_argnums=(1, 2))
 @given(nm=st.sampled_from([(1, 2), (2, 4), (3, 4), (1, 8), (5, 8), (4, 16), (3, 32), (30, 32)]),
        seed=st.integers(0, 2**16), ties=st.sampled_from([0, 1, 2]))
 def test_nm_mask_passes_match_reference(nm, seed, ties):
-  # Both code paths of the pass-based selection (tournament for m <= 16, reduction above).
+  # The pass-based selection (one variadic reduction per pass) for small and large m.
   n, m = nm
   rng = np.random.default_rng(seed)
   x = rng.normal(size=(2 * m, 3)).astype(np.float32)

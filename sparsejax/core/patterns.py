@@ -141,29 +141,26 @@ def _nm_core(scores, n, m, ax):
   """Keeps the top ``n`` of each group by ``min(n, m - n)`` selection passes.
 
   Each pass picks one not-yet-chosen index per group (largest key, lowest index
-  on ties; or, when dropping is shorter, smallest key, highest index), so every
-  group holds exactly ``n`` entries by construction -- even inside large jitted
-  programs where XLA recomputes a fused producer of ``scores`` with different
-  rounding in different places (pairwise rank comparisons can then disagree).
+  on ties; or, when dropping is shorter, smallest key, highest index) by one
+  variadic reduction along the group axis, so every group holds exactly ``n``
+  entries by construction -- even inside large jitted programs where XLA
+  recomputes a fused producer of ``scores`` with different rounding in
+  different places (pairwise rank comparisons can then disagree). A reduction
+  per pass keeps the program small for any ``m``: an elementwise tournament
+  over the ``m`` slices (``m - 1`` selects per pass) made the compile grow
+  with ``passes * m`` and beyond (XLA duplicates the unrolled chain into its
+  consumers): 25 s for one 8:16 STE step on a small MLP, see
+  ``benchmarks/nm_compile.py``.
   """
   keys = _sel.ordered_keys(scores)
   shp = keys.shape
   g = keys.reshape(shp[:ax] + (shp[ax] // m, m) + shp[ax + 1:])  # groups on axis ax + 1
   gax = ax + 1
   largest = n <= m - n
-  passes = n if largest else m - n
-  if m <= 16:  # one elementwise tournament over the m slices per pass
-    slices = [lax.index_in_dim(g, j, gax, keepdims=False) for j in range(m)]
-    chosen = [jnp.zeros(slices[0].shape, bool) for _ in range(m)]
-    for _ in range(passes):
-      idx = _pick_unrolled(slices, chosen, largest)
-      chosen = [c | (idx == j) for j, c in enumerate(chosen)]
-    picked = jnp.stack(chosen, axis=gax)
-  else:  # one variadic reduction along the group axis per pass
-    iota = lax.broadcasted_iota(jnp.int32, g.shape, gax)
-    picked = jnp.zeros(g.shape, bool)
-    for _ in range(passes):
-      picked = picked | (iota == _pick(g, ~picked, iota, largest, gax))
+  iota = lax.broadcasted_iota(jnp.int32, g.shape, gax)
+  picked = jnp.zeros(g.shape, bool)
+  for _ in range(n if largest else m - n):
+    picked = picked | (iota == _pick(g, ~picked, iota, largest, gax))
   keep = picked if largest else ~picked
   return keep.reshape(shp)
 
@@ -186,20 +183,6 @@ def _pick(keys, eligible, iota, largest: bool, axis: int):
   init = (jnp.zeros((), keys.dtype), jnp.asarray(False), jnp.asarray(-1, jnp.int32))
   _, _, idx = lax.reduce((keys, eligible, iota), init, better, (axis,))
   return jnp.expand_dims(idx, axis)
-
-
-def _pick_unrolled(slices, chosen, largest: bool):
-  """The same choice as :func:`_pick` over ``m`` slices, as one elementwise tournament."""
-  best_k, best_e = slices[0], ~chosen[0]
-  best_i = jnp.zeros(slices[0].shape, jnp.int32)
-  for j in range(1, len(slices)):
-    k, e = slices[j], ~chosen[j]
-    key_wins = (k > best_k) if largest else (k <= best_k)  # ties: lower / higher index
-    take = (e & ~best_e) | ((e == best_e) & key_wins)
-    best_k = jnp.where(take, k, best_k)
-    best_e = jnp.where(take, e, best_e)
-    best_i = jnp.where(take, j, best_i)
-  return best_i
 
 
 def block_mask(scores: jax.Array, density, block_shape: tuple[int, int], *, path: str | None = None) -> jax.Array:
