@@ -1,5 +1,8 @@
 """Block masks: constructors against independent NumPy token masks, block classification,
-combinators, top-k selection, schedules and validation errors."""
+combinators, top-k selection, schedules, the precomputed visit orders and validation errors."""
+
+import functools
+import re
 
 import chex
 import hypothesis.extra.numpy as hnp
@@ -16,6 +19,8 @@ from pallas_kernels.attention import (BlockMask, and_masks, block_attention_targ
                                       pooled_block_scores, prefix_lm_mask,
                                       segment_ids_from_lengths, sliding_window_mask,
                                       topk_block_mask)
+from pallas_kernels.attention import kernel_mosaic_gpu as mosaic_gpu
+from pallas_kernels.attention._common import Dims, kv_block_items, q_block_items
 
 
 def _positions(q_len, kv_len):
@@ -232,6 +237,8 @@ def _replace(m, **kw):
     (lambda m: _replace(m, partial_kv_indices=m.partial_kv_indices.at[0, 0, 3, 0].set(0)),
      "both as full"),
     (lambda m: _replace(m, full_q_counts=m.full_q_counts.at[0, 0, 0].set(1)), "transposed"),
+    (lambda m: _replace(m, q_block_order=jnp.arange(4, dtype=jnp.int32)), "longest-first"),
+    (lambda m: _replace(m, kv_block_order=m.kv_block_order[:2]), "expected shape"),
 ])
 def test_validation_names_the_field(edit, match):
   m = causal_mask(64, q_block=16)
@@ -257,3 +264,92 @@ def test_validation_against_problem_sizes():
     block_mask_from_blocks(jnp.ones((2, 2)), q_len=32, q_block=16)
   with pytest.raises(ValueError, match="segment_ids"):
     document_mask(jnp.zeros((2, 2, 2), jnp.int32))
+
+
+# ------------------------------------------------------- precomputed visit orders
+def _check_orders(m: BlockMask):
+  """The stored orders are the stable longest-first orders of the mask's counts."""
+  for order, fc, pc in ((m.q_block_order, m.full_kv_counts, m.partial_kv_counts),
+                        (m.kv_block_order, m.full_q_counts, m.partial_q_counts)):
+    total = np.asarray(fc + pc).reshape(-1)
+    assert order.dtype == jnp.int32
+    np.testing.assert_array_equal(order, np.argsort(-total, kind="stable"))
+
+
+def test_orders_built_by_every_constructor_and_under_jit():
+  seg = jnp.array([[0] * 20 + [1] * 12, [0] * 8 + [1] * 24], jnp.int32)
+  base = causal_mask(64, q_block=8)
+  scores = jnp.asarray(np.random.default_rng(0).standard_normal((2, 8, 8)), jnp.float32)
+  masks = [causal_mask(48, q_block=16), document_mask(seg, q_block=8, causal=True),
+           block_mask_from_blocks(jnp.array([[[1, 0], [1, 1]], [[0, 1], [0, 0]]], bool),
+                                  q_len=32, q_block=16),
+           jax.jit(lambda s: topk_block_mask(s, 3, q_len=64, q_block=8, base=base))(scores)]
+  r = masks[1]
+  masks.append(jax.jit(lambda fc, fi, pc, pi: BlockMask.from_kv_lists(
+      fc, fi, pc, pi, q_len=32, kv_len=32, q_block=8, kv_block=8, mask_mod=r.mask_mod))(
+          r.full_kv_counts, r.full_kv_indices, r.partial_kv_counts, r.partial_kv_indices))
+  for m in masks:
+    _check_orders(m)
+    m.validate()
+  leaves, tree = jax.tree_util.tree_flatten(masks[1])
+  back = jax.tree_util.tree_unflatten(tree, leaves)
+  np.testing.assert_array_equal(back.kv_block_order, masks[1].kv_block_order)
+  assert len(leaves) == 10 + 2  # the index arrays, both orders and the two segment-id arrays
+
+
+def _mosaic_reference_items(m: BlockMask, dims):
+  """The Mosaic GPU kernels' former per-call sorts, on the kernels' own cost arrays."""
+  # pylint: disable=protected-access
+  fwd = mosaic_gpu._work_items(m.full_kv_counts + m.partial_kv_counts, dims)
+  n_total = mosaic_gpu._group_schedule(m, dims)[2]
+  dkv = mosaic_gpu._longest_first(jnp.broadcast_to(n_total, (dims.batch,) + n_total.shape[1:]))
+  return fwd, dkv
+
+
+# (batch, mask batch, kv heads, group, mask heads, nq, nk): a broadcast mask batch with several
+# query heads per mask head, per-example masks, mask heads = kv heads, GQA groups spanning
+# mask heads (the dK/dV sort), ragged block counts.
+_ORDER_CASES = [(2, 1, 2, 2, 1, 3, 2), (3, 3, 1, 2, 2, 2, 3), (2, 1, 3, 2, 3, 2, 2),
+                (1, 1, 2, 3, 3, 3, 1)]
+
+
+@functools.lru_cache(maxsize=None)
+def _order_case(case):
+  batch, mb, kv_heads, group, mask_heads, nq, nk = case
+  dims = Dims(batch, nq * 8, nk * 8, kv_heads * group, kv_heads, 16, 8, 8, mb, mask_heads)
+  build = lambda states: BlockMask.from_states(states, q_len=nq * 8, kv_len=nk * 8, q_block=8,
+                                               kv_block=8, mask_mod=causal_mask(8).mask_mod)
+  both = jax.jit(lambda s: ((q_block_items(build(s), dims), kv_block_items(build(s), dims)),
+                            _mosaic_reference_items(build(s), dims)))
+  return (mb, mask_heads, nq, nk), both
+
+
+@settings(max_examples=12, deadline=None)
+@given(data=st.data(), case=st.sampled_from(_ORDER_CASES))
+def test_work_items_equal_the_stable_sort_of_expanded_costs(data, case):
+  shape, both = _order_case(case)
+  # States 0..2 from a small range: many ties between rows of equal cost.
+  states = data.draw(hnp.arrays(np.int8, shape, elements=st.integers(0, 2)))
+  ours, reference = both(states)
+  for got, want in zip(ours, reference):
+    np.testing.assert_array_equal(got, want)
+
+
+def test_work_items_sort_only_when_a_gqa_group_spans_mask_heads():
+  m = block_mask_from_blocks(jnp.ones((4, 2, 2), bool), q_len=32, q_block=16)  # H' = 4
+  def sorts(f, d):  # a sort primitive anywhere in the traced program (nested jits included)
+    return re.search(r"\bsort\[", str(jax.make_jaxpr(lambda x: f(x, d))(m))) is not None
+
+  one_head = Dims(2, 32, 32, 8, 2, 16, 16, 16, 1, 4)   # groups of 4 heads, 2 per mask head
+  assert not sorts(q_block_items, one_head) and sorts(kv_block_items, one_head)
+  per_group = Dims(2, 32, 32, 8, 4, 16, 16, 16, 1, 4)  # groups of 2 heads = 1 mask head
+  assert not sorts(q_block_items, per_group) and not sorts(kv_block_items, per_group)
+
+
+@pytest.mark.parametrize("name", ["block_mask", "_common"])
+def test_doctests(name):
+  import doctest  # pylint: disable=import-outside-toplevel
+  import importlib  # pylint: disable=import-outside-toplevel
+  res = doctest.testmod(importlib.import_module(f"pallas_kernels.attention.{name}"),
+                        optionflags=doctest.ELLIPSIS)
+  assert res.attempted > 0 and res.failed == 0

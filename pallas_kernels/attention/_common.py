@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 
 from pallas_kernels.attention.block_mask import BlockMask
@@ -150,3 +151,93 @@ def check_block_sizes_pow2(dims: Dims, backend: str, minimum: int = 16):
       raise ValueError(f"block_mask/{name}: the {backend} backend needs a power of two >= "
                        f"{minimum}, got {v}; rebuild the mask with another block size")
 
+
+
+def expand_order(order, costs, *, batch: int, replicas: int) -> jax.Array:
+  """Expands a longest-first order of mask rows to the kernel's flat work items, without a sort.
+
+  ``costs`` is ``[B', H', n]`` (visited blocks per mask row) and ``order`` its rows
+  ``(b * H' + h) * n + i`` by decreasing cost, ties ascending (``BlockMask.q_block_order``).
+  Every mask row stands for ``batch // B'`` batch rows and the ``replicas`` kernel heads
+  ``h * replicas + r``; the items are ``(b * H' * replicas + head) * n + i`` over ``[batch,
+  H' * replicas, n]``. The result is the stable argsort of the expanded costs by decreasing
+  cost: each cost level of ``order`` is laid out batch row by batch row, then mask head by mask
+  head, each mask head's rows once per replica head (a scatter of positions computed from the
+  level and head boundaries of ``order``).
+
+  >>> costs = jnp.array([[[1, 3], [3, 0]]])          # B'=1, H'=2, n=2
+  >>> order = jnp.array([1, 2, 0, 3])                 # rows by decreasing cost, ties ascending
+  >>> expand_order(order, costs, batch=1, replicas=2).tolist()  # 4 heads: h // 2 is the row's
+  [1, 3, 4, 6, 0, 2, 5, 7]
+  """
+  mb, hm, n = costs.shape
+  rows = mb * hm * n
+  rb = batch // mb                                   # batch rows per mask batch row
+  order = order.astype(jnp.int32)
+  sc = costs.reshape(-1)[order]
+  group = order // n                                 # b' * H' + h'
+  pos = jnp.arange(rows, dtype=jnp.int32)
+  level_change = jnp.concatenate([jnp.array([True]), sc[1:] != sc[:-1]])
+  group_change = level_change | jnp.concatenate([jnp.array([True]), group[1:] != group[:-1]])
+
+  def start(change):  # first position of each position's run
+    return jax.lax.cummax(jnp.where(change, pos, 0))
+
+  def end(change):    # one past the last position of each position's run
+    last = jnp.concatenate([change[1:], jnp.array([True])])
+    return jax.lax.cummin(jnp.where(last, pos + 1, rows), reverse=True)
+
+  level_start, level_size = start(level_change), end(level_change) - start(level_change)
+  group_start, group_size = start(group_change), end(group_change) - start(group_change)
+  b_rep = jnp.arange(rb, dtype=jnp.int32)[None, :, None]
+  head = jnp.arange(replicas, dtype=jnp.int32)[None, None, :]
+  col = lambda x: x[:, None, None]
+  dest = (col(level_start) * rb * replicas + b_rep * col(level_size) * replicas
+          + col(group_start - level_start) * replicas + head * col(group_size)
+          + col(pos - group_start))
+  bm, h, i = order // (hm * n), (order // n) % hm, order % n
+  b = col(bm) + b_rep if mb > 1 else b_rep
+  item = (b * (hm * replicas) + col(h) * replicas + head) * n + col(i)
+  out = jnp.zeros(rows * rb * replicas, jnp.int32)
+  return out.at[dest.reshape(-1)].set(item.reshape(-1), unique_indices=True)
+
+
+def q_block_items(block_mask: BlockMask, dims: Dims) -> jax.Array:
+  """Forward / dQ work items ``(b * num_heads + h) * nq + i``, most visited kv-blocks first.
+
+  Ties keep ascending item order. Expands the mask's precomputed ``q_block_order``
+  (:func:`expand_order`), so no sort runs per call, under ``jit`` too.
+
+  >>> from pallas_kernels.attention import causal_mask
+  >>> m = causal_mask(8, q_block=4)                  # q-block 1 visits 2 kv-blocks, q-block 0 one
+  >>> q_block_items(m, Dims(2, 8, 8, 1, 1, 16, 4, 4, 1, 1)).tolist()
+  [1, 3, 0, 2]
+  """
+  costs = block_mask.full_kv_counts + block_mask.partial_kv_counts
+  return expand_order(block_mask.q_block_order, costs, batch=dims.batch,
+                      replicas=dims.heads_per_mask_head)
+
+
+def kv_block_items(block_mask: BlockMask, dims: Dims) -> jax.Array:
+  """dK/dV work items ``(b * num_kv_heads + hk) * nk + j``, most visiting q-blocks first.
+
+  An item's cost is the q-blocks that visit kv-block ``j`` summed over the query heads of kv
+  head ``hk``'s GQA group; ties keep ascending item order. When every group lies inside one
+  mask head (``heads_per_mask_head`` a multiple of the group size) the item costs are the
+  group size times the mask rows' costs, and the mask's precomputed ``kv_block_order`` is
+  expanded without a sort. When a group spans several mask heads its cost is a sum over mask
+  rows whose order the mask does not hold: then this sorts the item costs on every call.
+
+  >>> from pallas_kernels.attention import causal_mask
+  >>> m = causal_mask(8, q_block=4)                  # kv-block 0 is visited by 2 q-blocks
+  >>> kv_block_items(m, Dims(1, 8, 8, 2, 1, 16, 4, 4, 1, 1)).tolist()
+  [0, 1]
+  """
+  g, hpm = dims.group, dims.heads_per_mask_head
+  costs = block_mask.full_q_counts + block_mask.partial_q_counts       # [B', H', nk]
+  if hpm % g == 0:
+    return expand_order(block_mask.kv_block_order, costs, batch=dims.batch, replicas=hpm // g)
+  mask_head = (jnp.arange(dims.num_kv_heads)[:, None] * g + jnp.arange(g)[None, :]) // hpm
+  group_costs = jnp.sum(costs[:, mask_head], axis=2)                  # [B', Hk, nk]
+  group_costs = jnp.broadcast_to(group_costs, (dims.batch,) + group_costs.shape[1:])
+  return jnp.argsort(-group_costs.reshape(-1), stable=True).astype(jnp.int32)

@@ -15,6 +15,11 @@ heads and query head ``h`` uses mask head ``h // (num_heads // H')`` (so
 
 Padding: entries past a list's count repeat its last valid index (0 for an
 empty list), so a TPU pipeline that walks the padded list issues no new DMA.
+
+Visit orders: the mask also stores its rows longest first (most visited blocks first, ties
+in ascending row order), computed once when the lists are built (as the block-sparse matmul
+format stores its row and column orders), so that the persistent Mosaic GPU kernels need no
+sort per call (:func:`pallas_kernels.attention._common.q_block_items`).
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ EMPTY, PARTIAL, FULL = 0, 1, 2
 _ARRAY_FIELDS = (
     "full_kv_counts", "full_kv_indices", "partial_kv_counts", "partial_kv_indices",
     "full_q_counts", "full_q_indices", "partial_q_counts", "partial_q_indices",
+    "q_block_order", "kv_block_order",
 )
 
 
@@ -85,13 +91,20 @@ class BlockMask:
     full_q_counts: int32 ``[B', H', nk]``, transposed: full q-blocks per kv-block.
     full_q_indices: int32 ``[B', H', nk, nq]``.
     partial_q_counts, partial_q_indices: same for partial q-blocks.
+    q_block_order: int32 ``[B' * H' * nq]``, the mask rows ``(b * H' + h) * nq + i`` by
+      decreasing visited kv-blocks (full + partial), ties in ascending row order: the order of
+      the forward / dQ work items, computed when the lists are built.
+    kv_block_order: int32 ``[B' * H' * nk]``, the transposed rows ``(b * H' + h) * nk + j``
+      by decreasing visiting q-blocks, ties ascending (the dK/dV work items).
     mask_mod: token-level mask for partial blocks, or ``None`` for a block-level
       mask (then every visited block is full).
     q_len, kv_len: sequence lengths; q_block, kv_block: block sizes.
 
   Build one with the constructors (``causal_mask``, ``sliding_window_mask``,
   ``document_mask``, ``prefix_lm_mask``, ``mask_from_fn``, ``block_mask_from_blocks``,
-  ``topk_block_mask``) or :meth:`from_states`.
+  ``topk_block_mask``) or :meth:`from_states`; they compute every array field (the kernels
+  assume the fields agree, which :meth:`validate` checks on concrete masks). Slicing the
+  arrays of a mask does not give a mask: rebuild from sliced lists with :meth:`from_kv_lists`.
 
   >>> from pallas_kernels.attention import MaskMod, CausalFn
   >>> states = jnp.array([[[[1, 0], [2, 1]]]], jnp.int8)  # [B'=1, H'=1, nq=2, nk=2]
@@ -99,6 +112,8 @@ class BlockMask:
   ...                           mask_mod=MaskMod(CausalFn()))
   >>> m.full_kv_counts.tolist(), m.partial_kv_indices.tolist(), m.full_q_indices.tolist()
   ([[[0, 1]]], [[[[0, 0], [1, 1]]]], [[[[1, 1], [0, 0]]]])
+  >>> m.q_block_order.tolist(), m.kv_block_order.tolist()  # q-block 1 visits 2 kv-blocks
+  ([1, 0], [0, 1])
   """
 
   full_kv_counts: jax.Array
@@ -109,6 +124,8 @@ class BlockMask:
   full_q_indices: jax.Array
   partial_q_counts: jax.Array
   partial_q_indices: jax.Array
+  q_block_order: jax.Array
+  kv_block_order: jax.Array
   mask_mod: MaskMod | None
   q_len: int
   kv_len: int
@@ -302,6 +319,16 @@ jax.tree_util.register_dataclass(
     meta_fields=["q_len", "kv_len", "q_block", "kv_block"])
 
 
+def longest_first(full_counts, partial_counts) -> jax.Array:
+  """Flat rows of ``[B', H', n]`` count arrays by decreasing ``full + partial``, ties ascending.
+
+  >>> longest_first(jnp.array([[[1, 0, 2]]]), jnp.array([[[1, 1, 0]]])).tolist()
+  [0, 2, 1]
+  """
+  total = (full_counts + partial_counts).reshape(-1)
+  return jnp.argsort(-total, stable=True).astype(jnp.int32)
+
+
 @jax.jit
 def _lists_from_states(states):
   fc, fi = index_lists(states == FULL)
@@ -309,7 +336,7 @@ def _lists_from_states(states):
   st = jnp.swapaxes(states, -1, -2)
   tfc, tfi = index_lists(st == FULL)
   tpc, tpi = index_lists(st == PARTIAL)
-  return fc, fi, pc, pi, tfc, tfi, tpc, tpi
+  return fc, fi, pc, pi, tfc, tfi, tpc, tpi, longest_first(fc, pc), longest_first(tfc, tpc)
 
 
 @jax.jit
@@ -361,6 +388,7 @@ def _validate(m: BlockMask, batch, num_heads, q_len, kv_len, check_values):
       "partial_kv_counts": lead + (nq,), "partial_kv_indices": lead + (nq, nk),
       "full_q_counts": lead + (nk,), "full_q_indices": lead + (nk, nq),
       "partial_q_counts": lead + (nk,), "partial_q_indices": lead + (nk, nq),
+      "q_block_order": (lead[0] * lead[1] * nq,), "kv_block_order": (lead[0] * lead[1] * nk,),
   }
   for name, shape in expected.items():
     x = getattr(m, name)
@@ -430,3 +458,8 @@ def _validate(m: BlockMask, batch, num_heads, q_len, kv_len, check_values):
     raise ValueError("block_mask/partial_kv_counts: partial blocks need a token-level "
                      "mask_mod; without one, list the blocks as full (BlockMask.from_states "
                      "does this)")
+  for name, kind in (("q_block_order", "kv"), ("kv_block_order", "q")):
+    total = arrs[f"full_{kind}_counts"] + arrs[f"partial_{kind}_counts"]
+    if not np.array_equal(arrs[name], np.argsort(-total.reshape(-1), kind="stable")):
+      raise ValueError(f"block_mask/{name}: not the longest-first order of the {kind} lists' "
+                       f"counts (was an array field sliced or replaced?); {fix}")

@@ -50,7 +50,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels import _cost
-from pallas_kernels.attention._common import Dims, allowed_in_block, mask_rows, pad_axis
+from pallas_kernels.attention._common import (Dims, allowed_in_block, kv_block_items, mask_rows,
+                                              pad_axis, q_block_items)
 from pallas_kernels.attention.block_mask import BlockMask
 
 __all__ = ["flash_fwd", "flash_bwd", "check_shapes", "check_cuda_version", "MosaicGPUConfig"]
@@ -579,7 +580,7 @@ def _run_kv_stream(mode, q, k, v, extra, block_mask: BlockMask, dims: Dims, *, s
   n_kd = 0 if kd is None else kd.shape[1]
   mc = _ring_depth(config, dims.nk, lambda depth: _smem_scratch(
       dims, n_qd, n_kd, depth, mode, q.dtype, interpret=False))
-  items = _work_items(counts, dims)
+  items = q_block_items(block_mask, dims)
   num_ctas = _num_ctas(items.shape[0], interpret)
   kernel = _kv_stream_kernel(dims, scale=scale, fn=_mask_fn(block_mask), n_qd=n_qd, n_kd=n_kd,
                              mc=mc, mode=mode, dtype=q.dtype, interpret=interpret,
@@ -840,7 +841,7 @@ def flash_bwd(q, k, v, d_out, lse, delta, block_mask: BlockMask, dims: Dims, *, 
   n_kd = 0 if kd is None else kd.shape[1]
   mc = _ring_depth(config, dims.nq * dims.group, lambda depth: _dkv_scratch(
       dims, n_qd, n_kd, depth, q.dtype, interpret=False))
-  items = _longest_first(jnp.broadcast_to(n_total, (dims.batch,) + n_total.shape[1:]))
+  items = kv_block_items(block_mask, dims)
   num_ctas = _num_ctas(items.shape[0], interpret)
   kernel = _dkv_kernel(dims, scale=scale, fn=_mask_fn(block_mask), n_qd=n_qd, n_kd=n_kd, mc=mc,
                        dtype=q.dtype, interpret=interpret, num_ctas=num_ctas)
