@@ -256,7 +256,7 @@ def validate_masks(masks: Any, params: Any) -> None:
   >>> validate_masks({'w': jnp.ones(2, bool)}, {'w': jnp.zeros(3)})
   Traceback (most recent call last):
   ...
-  ValueError: validate_masks: mask at 'w' has shape (2,) but the param has shape (3,).
+  ValueError: validate_masks: mask at 'w' has shape (2,) but the param has shape (3,); build masks with init_masks(params).
   """
   _validate(masks, params, "validate_masks")
 
