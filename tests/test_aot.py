@@ -14,6 +14,9 @@ from jax.experimental import pallas as pl
 from pallas_kernels import aot, aot_cases
 
 _MAX_SPILL = 200  # bytes per thread (issue 11)
+# ptxas spill bound per attention kernel on both jax versions (issue 15): the forward and dK/dV
+# spill nothing; dQ at head_dim 128 with document data spills 8 B (jax 0.10.2) / 64 B (0.12).
+_ATTENTION_MAX_SPILL = {"fwd": 0, "dq": 64, "dkv": 0}
 _JAX_VERSION = tuple(int(x) for x in jax.__version__.split(".")[:2])
 
 
@@ -81,8 +84,10 @@ _GPU_CASES = [
     _mm("spmm_t", "float16", "mosaic_gpu", (256, 64)),
     _att("fwd", 128, "causal", "mosaic_gpu"),
     _att("dq", 128, "documents", "mosaic_gpu"),
-    # Spilled 1264-1924 B/thread at head_dim 128 with whole 128-column q-blocks.
+    # Spilled 1264-1924 B/thread at head_dim 128 with whole 128-column q-blocks, 76-120 B on
+    # jax 0.12 with 64-column halves and one barrier per copy.
     _att("dkv", 128, "documents", "mosaic_gpu"),
+    _att("dkv", 128, "causal", "mosaic_gpu"),
 ]
 
 
@@ -98,9 +103,10 @@ def test_h100_kernels_compile_without_spills(case):
                 "figures of Triton kernels to check (run this on the jax 0.10 venv)")
   assert kernels, [k.name for k in report.kernels]
   assert all(k.source == ("triton" if case.backend == "triton" else "mosaic_gpu") for k in kernels)
+  bound = _ATTENTION_MAX_SPILL[case.kernel] if case.kind == "attention" else _MAX_SPILL
   for k in kernels:
     assert 0 < k.registers <= 255, k
-    assert k.spills <= _MAX_SPILL, k
+    assert k.spills <= bound, k
 
 
 @pytest.mark.aot
