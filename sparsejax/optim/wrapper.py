@@ -42,6 +42,7 @@ from jax import lax
 from sparsejax import schedules
 from sparsejax.core import masks as core_masks
 from sparsejax.core import paths as core_paths
+from sparsejax.core import selection as core_selection
 from sparsejax.optim import moments, skip_update
 from sparsejax.optim.state import SparseState, _unwrap
 
@@ -187,34 +188,65 @@ def _owed_after(old, grads, owed, is_upd, step, uses_grads):
   return accept, jax.tree.map(owed_leaf, accept, owed, is_leaf=_is_none)
 
 
+def _nonzero_outside(w, m):
+  return (w != 0) & ~m
+
+
 def _count_masked_nonzero(masks, params) -> jax.Array:
-  counts = [jnp.sum((w != 0) & ~m, dtype=jnp.int32)
-            for m, w in zip(jax.tree.leaves(masks), jax.tree.leaves(params))]
+  """Non-zero weights outside ``masks`` (int32), over the masked leaves.
+
+  Counted slab by slab (``core.selection.count_nonzero``): a plain ``sum`` of
+  the bool array stores it as int32 first on XLA:CPU (16 MiB of scratch for the
+  benchmark MLP's four 1024x1024 kernels).
+  """
+  counts = jax.tree.leaves(jax.tree.map(
+      lambda m, w: None if m is None else core_selection.count_nonzero(
+          core_selection.LazyScores(_nonzero_outside, w, m)).astype(jnp.int32),
+      masks, params, is_leaf=_is_none))
   return sum(counts, jnp.zeros((), jnp.int32))
 
 
-def _check_masked_nonzero(policy, state, params, is_upd) -> jax.Array:
-  """``SparseState.sparse_masked_nonzero`` after this step's check.
+def _after_grads(x, grads):
+  """``x`` unchanged, but data-dependent on one entry of every gradient leaf.
 
-  Hard methods count, on mask-update steps and on step 1 only (one cheap
-  reduction under ``lax.cond``), the weights outside the incoming masks that
-  are non-zero: positive from step 1 on iff a later transformation changed
-  the updates. Eager updates raise then; jitted ones record it.
+  A conditional that reads it waits for the whole backward pass, and with it
+  for the backward pass's reads of the donated params, which the in-place
+  updates (reading the conditional's results) must follow: without that
+  order XLA:CPU copies every kernel the backward pass reads, on every step
+  (plain ``optax.adam`` pays those copies). Read inside a branch only, so an
+  ordinary step reads nothing (the first entry of a sharded leaf is one
+  scalar to broadcast). ``(v * v) & 2 == 0`` for every integer ``v``
+  (squares are 0 or 1 mod 4), which XLA cannot prove.
   """
-  old = state.sparse_masked_nonzero
-  if policy.hard is not True:
-    return old
-  masks = state.sparse_masks
-  leaves = jax.tree.leaves(masks)  # the masked leaves (None leaves dropped)
-  masked_params = jax.tree.leaves(jax.tree.map(
-      lambda m, w: None if m is None else w, masks, params, is_leaf=_is_none))
-  if not leaves:
-    return old
+  z = jnp.zeros((), jnp.uint32)
+  for g in jax.tree.leaves(grads):
+    if not jnp.size(g) or not jnp.issubdtype(jnp.result_type(g), jnp.number):
+      continue
+    v = jnp.real(g[(0,) * jnp.ndim(g)])  # indexed, not raveled: no gather of a sharded leaf
+    v = lax.convert_element_type(v, jnp.uint32)
+    z = z | ((v * v) & jnp.uint32(2))
+  return x | z.astype(x.dtype)
+
+
+def _count_now(policy, state, is_upd) -> jax.Array | None:
+  """Whether this step counts ``SparseState.sparse_masked_nonzero``.
+
+  Hard methods count, on mask-update steps and on step 1 only, the weights
+  outside the incoming masks that are non-zero: positive from step 1 on iff a
+  later transformation changed the updates. ``None``: never counted (soft
+  policies, no masked leaf).
+  """
+  if policy.hard is not True or not jax.tree.leaves(state.sparse_masks):
+    return None
   step = state.sparse_step
-  check = step == 1 if is_upd is None else (step == 1) | is_upd
-  count = lax.cond(check, lambda ops: _count_masked_nonzero(*ops), lambda ops: old,
-                   (leaves, masked_params))
-  if not isinstance(count, jax.core.Tracer) and int(step) >= 1 and int(count) > 0:
+  return step == 1 if is_upd is None else (step == 1) | is_upd
+
+
+def _raise_if_masked_nonzero(count, step) -> None:
+  """Eager updates raise on a positive count (jitted ones record it)."""
+  if isinstance(count, jax.core.Tracer) or isinstance(step, jax.core.Tracer):
+    return
+  if int(step) >= 1 and int(count) > 0:
     raise ValueError(
         f"{int(count)} weights outside the masks are non-zero at step {int(step)}: "
         "the sparse transformation is not the outermost one (e.g. "
@@ -222,7 +254,6 @@ def _check_masked_nonzero(policy, state, params, is_upd) -> jax.Array:
         "outermost, e.g. rigl(optax.chain(adam, optax.scale(0.5))), or only inside "
         "MultiSteps / apply_if_finite / inject_hyperparams; or the params were "
         "changed outside the optimizer (then zero them with apply_state_masks).")
-  return count
 
 
 def _no_grown(masks):
@@ -314,12 +345,12 @@ def sparse_wrapper(inner: optax.GradientTransformation | None, policy: MaskPolic
     is_upd = None
     if policy.update_masks is not None:
       is_upd = jnp.asarray(policy.is_update_step(step), bool)
-    masked_nonzero = _check_masked_nonzero(policy, state, params, is_upd)
-    # Always True, but XLA cannot know: the final updates of masked leaves
-    # read it, so the check is ordered before the step overwrites the donated
-    # params in place. Without that data dependence XLA:CPU copies every
-    # checked kernel first (16 MiB per step on the 4.2M-parameter benchmark MLP).
-    checked = masked_nonzero >= -1
+    count_now = _count_now(policy, state, is_upd)
+    masked_nonzero = state.sparse_masked_nonzero
+    if count_now is not None:
+      masked_nonzero = lax.cond(
+          count_now, lambda ops: _after_grads(_count_masked_nonzero(*ops[:2]), ops[2]),
+          lambda ops: masked_nonzero, (masks, params, updates))
 
     if policy.update_masks is not None:
 
@@ -332,7 +363,7 @@ def sparse_wrapper(inner: optax.GradientTransformation | None, policy: MaskPolic
 
       def do_update(operands):
         old, kd, p, g, ow = operands
-        k, sub = jax.random.split(_wrap_key(kd))
+        k, sub = jax.random.split(_wrap_key(_after_grads(kd, g)))
         new, new_grown = policy.update_masks(mask_step, old, p, g, sub)
         accept, new_owed = _owed_after(old, g, ow, is_upd, step, policy.uses_grads)
         new = jax.tree.map(lambda n, o, a: None if o is None else jnp.where(a, n, o),
@@ -340,6 +371,12 @@ def sparse_wrapper(inner: optax.GradientTransformation | None, policy: MaskPolic
         if policy.regrows:  # trainable = kept, not newly grown (grown start at 0)
           train = jax.tree.map(lambda n, g, a: None if n is None else n & ~(g & a),
                                new, new_grown, accept, is_leaf=_is_none)
+          # ``train`` is within ``new``, so this is ``new``; it orders every
+          # read of the old masks (``new_grown`` may read them) before ``new``
+          # is written over them in place (the masks are donated). Without it
+          # XLA:CPU copies all incoming masks on every step.
+          new = jax.tree.map(lambda n, t: None if n is None else n | t, new, train,
+                             is_leaf=_is_none)
         else:
           train = None
         return new, train, jax.random.key_data(k), new_owed
@@ -351,8 +388,22 @@ def sparse_wrapper(inner: optax.GradientTransformation | None, policy: MaskPolic
       # As cond operands, params and grads are materialised once, so the
       # selection passes inside the branch all see the same values.
       operands = (masks, key_data, params, updates, owed)
+      if count_now is not None:
+        # Always the same predicate (the count is >= -1), but it orders the
+        # count's reads of the masks before this conditional, which updates
+        # them in place (the masks are donated); without that XLA:CPU copies
+        # every incoming mask on every step.
+        run = run & (masked_nonzero >= -1)
       masks, train, key_data, owed = lax.cond(run, do_update, no_update, operands)
       target = jnp.where(is_upd, jnp.asarray(policy.target(step), jnp.float32), target)
+
+    if count_now is not None:
+      _raise_if_masked_nonzero(masked_nonzero, step)
+    # Always True, but XLA cannot know: the final updates of masked leaves
+    # read it, so the count is ordered before the step overwrites the donated
+    # params in place. Without that data dependence XLA:CPU copies every
+    # counted kernel first (16 MiB per step on the 4.2M-parameter benchmark MLP).
+    checked = masked_nonzero >= -1
 
     hard_now = hard(step) if callable(hard) else hard
 
