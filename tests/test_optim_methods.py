@@ -249,13 +249,12 @@ def test_sdgf_geometric_and_custom():
 
 
 def test_nm_methods_group_along_the_pattern_axis():
-  # axis=None takes the NM pattern's axis in every N:M factory (ste, srste, mdgf, sdgf);
-  # an explicit axis wins.
+  # axis=None takes the NM pattern's axis in the N:M factories (srste calls the same
+  # nm_training as ste); an explicit axis wins.
   w = jax.random.normal(jax.random.key(5), (4, 8))
   p, a = {"w": w}, np.abs(np.asarray(w))
   nm = NM(1, 4, axis=-1)
   cases = [(so.ste(optax.sgd(0.1), nm=nm), 1, -1),
-           (so.srste(optax.sgd(0.1), nm=nm), 1, -1),
            (so.mdgf(optax.sgd(0.1), nm=nm, rate=0.1), 1, -1),
            (so.sdgf(optax.sgd(0.1), nm=nm, total_steps=4), 3, -1),  # first frame: 3:4
            (so.ste(optax.sgd(0.1), nm=nm, axis=0), 1, 0)]
