@@ -304,6 +304,32 @@ def _broadcast_col(x, shape, plgpu):
   return lax.broadcast_in_dim(x, shape, [1])
 
 
+def _run_work_items(items_ref, num_ctas: int, compute_item, memory_item, *, memory_first: bool):
+  """The persistent, warp-specialised work loop of the forward / dQ and dK/dV kernels.
+
+  CTA ``c`` runs items ``c, c + num_ctas, ...`` of ``items_ref``: its compute warpgroups
+  (``wg < 2``, 232 registers each) run ``compute_item(i, step)`` and its memory warpgroup (40
+  registers) runs ``memory_item(i, step)`` for its ``i``-th item, ``step`` being the K/V (Q/dO)
+  ring step at the item's start; each returns the step after the item. ``memory_first`` lowers
+  the memory warpgroup's branch first (this only changes ptxas's register allocation).
+  """
+  plgpu = _plgpu()
+  cta, wg = lax.axis_index("cta"), lax.axis_index("wg")
+  n_mine = lax.div(items_ref.shape[0] - 1 - cta, jnp.array(num_ctas, cta.dtype)) + 1
+
+  def compute():
+    plgpu.set_max_registers(232, action="increase")
+    lax.fori_loop(0, n_mine, compute_item, jnp.int32(0))
+
+  def memory():
+    plgpu.set_max_registers(40, action="decrease")
+    lax.fori_loop(0, n_mine, memory_item, jnp.int32(0))
+
+  branches = [(wg < _COMPUTE_WGS, compute), (wg == _COMPUTE_WGS, memory)]
+  for cond, body in (branches[::-1] if memory_first else branches):
+    pl.when(cond)(body)
+
+
 # ---------------------------------------------------------------------------
 # Forward / dQ: one CTA per (q head, q-block, batch), K/V streamed.
 # ---------------------------------------------------------------------------
@@ -350,7 +376,6 @@ def _kv_stream_kernel(dims: Dims, *, scale: float, fn, n_qd: int, n_kd: int, mc:
 
     cta = lax.axis_index("cta")
     wg = lax.axis_index("wg")
-    n_mine = lax.div(items_ref.shape[0] - 1 - cta, jnp.array(num_ctas, cta.dtype)) + 1
     div = lambda x, n: lax.div(x, jnp.array(n, x.dtype))
     rem = lambda x, n: lax.rem(x, jnp.array(n, x.dtype))
 
@@ -529,15 +554,7 @@ def _kv_stream_kernel(dims: Dims, *, scale: float, fn, n_qd: int, n_kd: int, mc:
       lax.fori_loop(0, n_total, stream, index(0))
       return base + n_total
 
-    @pl.when(wg < _COMPUTE_WGS)
-    def _compute():
-      plgpu.set_max_registers(232, action="increase")
-      lax.fori_loop(0, n_mine, compute_item, jnp.int32(0))
-
-    @pl.when(wg == _COMPUTE_WGS)
-    def _memory():
-      plgpu.set_max_registers(40, action="decrease")
-      lax.fori_loop(0, n_mine, memory_item, jnp.int32(0))
+    _run_work_items(items_ref, num_ctas, compute_item, memory_item, memory_first=False)
 
   return kernel
 
@@ -666,7 +683,6 @@ def _dkv_kernel(dims: Dims, *, scale: float, fn, n_qd: int, n_kd: int, mc: int, 
      slot_bars, consumed) = scoped
     cta = lax.axis_index("cta")
     wg = lax.axis_index("wg")
-    n_mine = lax.div(items_ref.shape[0] - 1 - cta, jnp.array(num_ctas, cta.dtype)) + 1
     div = lambda x, n: lax.div(x, jnp.array(n, x.dtype))
     rem = lambda x, n: lax.rem(x, jnp.array(n, x.dtype))
 
@@ -790,15 +806,7 @@ def _dkv_kernel(dims: Dims, *, scale: float, fn, n_qd: int, n_kd: int, mc: int, 
 
     # The memory branch first: in the other order ptxas spills 8-12 B/thread (jax 0.10.2,
     # documents mask) of values live across setmaxnreg.
-    @pl.when(wg == _COMPUTE_WGS)
-    def _memory():
-      plgpu.set_max_registers(40, action="decrease")
-      lax.fori_loop(0, n_mine, memory_item, jnp.int32(0))
-
-    @pl.when(wg < _COMPUTE_WGS)
-    def _compute():
-      plgpu.set_max_registers(232, action="increase")
-      lax.fori_loop(0, n_mine, compute_item, jnp.int32(0))
+    _run_work_items(items_ref, num_ctas, compute_item, memory_item, memory_first=True)
 
   return kernel
 
