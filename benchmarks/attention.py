@@ -79,13 +79,15 @@ def _slice_mask(m: BlockMask, b: int, h: int) -> BlockMask:
   """The mask of the first ``b`` batch rows and ``h`` heads (broadcast rows stay)."""
   def cut(x):
     return x[:min(b, x.shape[0]), :min(h, x.shape[1])]
-  fields = {f.name: cut(getattr(m, f.name)) for f in dataclasses.fields(m)
-            if f.name.endswith(("counts", "indices"))}
   mm = m.mask_mod
   if mm is not None:
     mm = dataclasses.replace(mm, q_data=tuple(x[:b] for x in mm.q_data),
                              kv_data=tuple(x[:b] for x in mm.kv_data))
-  return dataclasses.replace(m, mask_mod=mm, **fields)
+  # Rebuilt from the kv lists, so the transposed lists and the work orders match the slice.
+  return BlockMask.from_kv_lists(
+      cut(m.full_kv_counts), cut(m.full_kv_indices), cut(m.partial_kv_counts),
+      cut(m.partial_kv_indices), q_len=m.q_len, kv_len=m.kv_len, q_block=m.q_block,
+      kv_block=m.kv_block, mask_mod=mm)
 
 
 def _time(fn, *args, iters: int, repeats: int = 5) -> float:
