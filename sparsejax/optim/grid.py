@@ -41,7 +41,7 @@ import numpy as np
 from sparsejax.core import masks as core_masks
 from sparsejax.core.paths import path_str
 from sparsejax.core.patterns import NM, Block, Channel, Unstructured, as_pattern
-from sparsejax.core.selection import LazyScores, materialize
+from sparsejax.core.selection import LazyScores, _concrete_ints, materialize
 
 __all__ = ["is_grid_pattern", "check_pattern", "check_masks", "grid_sum", "grid_any", "expand",
            "on_grid", "absolute"]
@@ -139,15 +139,6 @@ def expand(pattern: Any, g: jax.Array, shape: tuple[int, ...]) -> jax.Array:
   return jnp.broadcast_to(g.reshape(view), shape)
 
 
-def _concrete(x):
-  if isinstance(x, jax.core.Tracer):
-    return None
-  try:
-    return np.asarray(x)
-  except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
-    return None
-
-
 def _np_grid(pattern, m: np.ndarray, reduce) -> np.ndarray:
   """``reduce`` (np.any / np.all) over each unit, kept broadcastable to ``m.shape``."""
   if isinstance(pattern, Block):
@@ -177,7 +168,7 @@ def check_masks(pattern: Any, masks: Any) -> None:
       continue
     path = path_str(kp)
     pattern.check(path, tuple(np.shape(m)))
-    c = _concrete(m)
+    c = _concrete_ints(m)
     if c is None:
       continue
     c = c.astype(bool)  # NumPy: no compilation for a check on concrete masks
