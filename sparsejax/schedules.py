@@ -239,9 +239,12 @@ def parse_nm(nm: Any) -> tuple[int, int]:
   """
   if isinstance(nm, str):
     parts = nm.split(":")
-    if len(parts) != 2:
-      raise ValueError(f"N:M pattern {nm!r} must look like '2:4'")
-    n, m = parts
+    try:
+      if len(parts) != 2:
+        raise ValueError
+      n, m = int(parts[0]), int(parts[1])
+    except ValueError:
+      raise ValueError(f"N:M pattern {nm!r} must look like 'n:m' with integers, e.g. '2:4'") from None
   elif hasattr(nm, "n") and hasattr(nm, "m"):
     n, m = nm.n, nm.m
   elif isinstance(nm, Sequence) and len(nm) == 2:

@@ -22,6 +22,7 @@ import numpy as np
 from jax import lax
 
 from sparsejax.core import selection as _sel
+from sparsejax.schedules import parse_nm
 
 __all__ = [
   "NM",
@@ -271,16 +272,6 @@ class Unstructured:
     return topk_mask(scores, density, path=path)
 
 
-def _parse_nm_string(text: str) -> tuple[int, int]:
-  parts = text.split(":")
-  try:
-    if len(parts) != 2:
-      raise ValueError
-    return int(parts[0]), int(parts[1])
-  except ValueError:
-    raise ValueError(f"N:M pattern {text!r} must look like 'n:m' with integers, e.g. '2:4'.") from None
-
-
 def as_pattern(pattern: Any, *, fn: str = "pattern") -> Any:
   """A pattern object from a pattern or an ``"n:m"`` string.
 
@@ -323,7 +314,7 @@ class NM:
     if isinstance(self.n, str):  # NM("2:4")
       if self.m is not None:
         raise TypeError(f"NM: pass NM({self.n!r}) or NM(n, m), not both (got m={self.m!r}).")
-      n, m = _parse_nm_string(self.n)
+      n, m = parse_nm(self.n)  # the one 'n:m' parser (schedules)
       object.__setattr__(self, "n", n)
       object.__setattr__(self, "m", m)
     elif self.m is None:
