@@ -304,6 +304,20 @@ def _broadcast_col(x, shape, plgpu):
   return lax.broadcast_in_dim(x, shape, [1])
 
 
+def _div(x, n: int):
+  return lax.div(x, jnp.array(n, x.dtype))
+
+
+def _rem(x, n: int):
+  return lax.rem(x, jnp.array(n, x.dtype))
+
+
+def _split_item(w, num_heads: int, num_blocks: int):
+  """Flat work item ``(b * num_heads + h) * num_blocks + x`` -> ``(b, h, x)`` (traced ints)."""
+  x, bh = _rem(w, num_blocks), _div(w, num_blocks)
+  return _div(bh, num_heads), _rem(bh, num_heads), x
+
+
 def _run_work_items(items_ref, num_ctas: int, compute_item, memory_item, *, memory_first: bool):
   """The persistent, warp-specialised work loop of the forward / dQ and dK/dV kernels.
 
@@ -374,19 +388,14 @@ def _kv_stream_kernel(dims: Dims, *, scale: float, fn, n_qd: int, n_kd: int, mc:
         plgpu.barrier_arrive(schedule)
         plgpu.barrier_wait(schedule)
 
-    cta = lax.axis_index("cta")
-    wg = lax.axis_index("wg")
-    div = lambda x, n: lax.div(x, jnp.array(n, x.dtype))
-    rem = lambda x, n: lax.rem(x, jnp.array(n, x.dtype))
+    cta, wg = lax.axis_index("cta"), lax.axis_index("wg")
 
     def work(i):
       """Batch, head, q-block, mask batch / head, kv head and counts of this CTA's item i."""
-      w = items_ref[cta + i * num_ctas]
-      qi, bh = rem(w, dims.nq), div(w, dims.nq)
-      b, h = div(bh, dims.num_heads), rem(bh, dims.num_heads)
+      b, h, qi = _split_item(items_ref[cta + i * num_ctas], dims.num_heads, dims.nq)
       mb = b if dims.mask_batch > 1 else 0
-      mh = div(h, hpm)
-      return b, h, qi, mb, mh, div(h, g), nfull_ref[mb, mh, qi], ntotal_ref[mb, mh, qi]
+      mh = _div(h, hpm)
+      return b, h, qi, mb, mh, _div(h, g), nfull_ref[mb, mh, qi], ntotal_ref[mb, mh, qi]
 
     def compute_item(i, base):
       """One work item; ``base`` is the CTA's ring step at its start."""
@@ -418,10 +427,10 @@ def _kv_stream_kernel(dims: Dims, *, scale: float, fn, n_qd: int, n_kd: int, mc:
 
       @pl.when(n_total > 0)
       def _():
-        plgpu.barrier_wait(k_bar.at[rem(base, mc)])
+        plgpu.barrier_wait(k_bar.at[_rem(base, mc)])
 
       def step(t, carry, partial):
-        slot = rem(base + t, mc)
+        slot = _rem(base + t, mc)
         j = sched_ref[mb, mh, qi, t]
 
         def compute_qk(acc_ref):
@@ -480,7 +489,7 @@ def _kv_stream_kernel(dims: Dims, *, scale: float, fn, n_qd: int, n_kd: int, mc:
 
         @pl.when(nxt < n_total)
         def _wait_next():
-          plgpu.barrier_wait(k_bar.at[rem(base + nxt, mc)])
+          plgpu.barrier_wait(k_bar.at[_rem(base + nxt, mc)])
 
         if not fwd:
           plgpu.barrier_arrive(k_consumed.at[slot])
@@ -543,7 +552,7 @@ def _kv_stream_kernel(dims: Dims, *, scale: float, fn, n_qd: int, n_kd: int, mc:
       # barriers in front of the TMA.
       def stream(t, j):
         step = base + t
-        slot = rem(step, mc)
+        slot = _rem(step, mc)
         j_next = index(t + 1)
         pl.when(step >= mc)(lambda: plgpu.barrier_wait(k_consumed.at[slot]))
         copy_k(t, j, slot)
@@ -681,16 +690,11 @@ def _dkv_kernel(dims: Dims, *, scale: float, fn, n_qd: int, n_kd: int, mc: int, 
     dk_ref, dv_ref, scoped = next(it), next(it), next(it)
     (k_smem2, v_smem2, kd_smem2, q_smem, do_smem, row_smem, qd_smem, a_smem2, kv_bars,
      slot_bars, consumed) = scoped
-    cta = lax.axis_index("cta")
-    wg = lax.axis_index("wg")
-    div = lambda x, n: lax.div(x, jnp.array(n, x.dtype))
-    rem = lambda x, n: lax.rem(x, jnp.array(n, x.dtype))
+    cta, wg = lax.axis_index("cta"), lax.axis_index("wg")
 
     def work(i):
       """Batch, kv head, kv-block, mask batch and counts of this CTA's item i."""
-      w = items_ref[cta + i * num_ctas]
-      j, bh = rem(w, dims.nk), div(w, dims.nk)
-      b, hk = div(bh, dims.num_kv_heads), rem(bh, dims.num_kv_heads)
+      b, hk, j = _split_item(items_ref[cta + i * num_ctas], dims.num_kv_heads, dims.nk)
       mb = b if dims.mask_batch > 1 else 0
       return b, hk, j, mb, nfull_ref[mb, hk, j], ntotal_ref[mb, hk, j]
 
@@ -699,7 +703,7 @@ def _dkv_kernel(dims: Dims, *, scale: float, fn, n_qd: int, n_kd: int, mc: int, 
 
       def decode(t):
         e = ent_ref[mb, hk, j, t]
-        return div(e, g), rem(e, g)
+        return _div(e, g), _rem(e, g)
 
       k_smem, v_smem = k_smem2.at[wg], v_smem2.at[wg]
       a_smem = None if a_smem2 is None else a_smem2.at[wg]
@@ -718,7 +722,7 @@ def _dkv_kernel(dims: Dims, *, scale: float, fn, n_qd: int, n_kd: int, mc: int, 
 
       def step(t, carry, partial):
         dk, dv = carry
-        slot = rem(base + t, mc)
+        slot = _rem(base + t, mc)
         qi, _ = decode(t)
         plgpu.barrier_wait(slot_bars.at[slot])
         # The q-block in 64-column halves: with the dK and dV accumulators (64 registers each
@@ -775,7 +779,7 @@ def _dkv_kernel(dims: Dims, *, scale: float, fn, n_qd: int, n_kd: int, mc: int, 
         return ent_ref[mb, hk, j, jnp.minimum(t, g * dims.nq - 1)]
 
       def issue(t, e, slot):
-        qi, gi = lax.div(e, jnp.array(g, e.dtype)), lax.rem(e, jnp.array(g, e.dtype))
+        qi, gi = _div(e, g), _rem(e, g)
         h = hk * g + gi
         rows = pl.ds(qi * bq, bq)
         copies = [(q_ref.at[b, rows, h], q_smem.at[slot]),
@@ -795,7 +799,7 @@ def _dkv_kernel(dims: Dims, *, scale: float, fn, n_qd: int, n_kd: int, mc: int, 
       # released it, and the next entry is read one step ahead of that consumed barrier.
       def stream(t, e):
         step = base + t
-        slot = rem(step, mc)
+        slot = _rem(step, mc)
         e_next = entry(t + 1)
         pl.when(step >= mc)(lambda: plgpu.barrier_wait(consumed.at[slot]))
         issue(t, e, slot)
