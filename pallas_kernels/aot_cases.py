@@ -161,10 +161,13 @@ def _build_attention(case: Case):
 
   module = importlib.import_module(f"pallas_kernels.attention.kernel_{case.backend}")
   stats = jax.ShapeDtypeStruct((_B, _H, _S), jnp.float32)
+  # The Pallas Triton kernels lower through Triton only with Triton compiler params (as op.py).
+  extra = ({"compiler_params": module.triton_compiler_params(None, None, case.head_dim)}
+           if case.backend == "triton" else {})
 
   def backward(q, k, v, d_out, lse, delta, m):
     dims = check_inputs(q, k, v, m, check_values=False)
     dq, dk, dv = module.flash_bwd(q, k, v, d_out, lse, delta, m, dims,
-                                  scale=case.head_dim ** -0.5, interpret=False)
+                                  scale=case.head_dim ** -0.5, interpret=False, **extra)
     return dq if case.kernel == "dq" else (dk, dv)  # the other kernel is dead code
   return backward, (shape, shape, shape, shape, stats, stats, mask)

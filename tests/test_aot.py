@@ -88,6 +88,8 @@ _GPU_CASES = [
     # jax 0.12 with 64-column halves and one barrier per copy.
     _att("dkv", 128, "documents", "mosaic_gpu"),
     _att("dkv", 128, "causal", "mosaic_gpu"),
+    # The Pallas Triton backward lowered through Mosaic GPU (no Triton compiler params).
+    aot_cases.Case("attention", "dkv", "triton", "bfloat16", (64, 64), 64, "causal"),
 ]
 
 
